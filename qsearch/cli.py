@@ -1,0 +1,237 @@
+"""The ``qsearch`` command line. Heavy libraries (torch, ray) are imported inside commands,
+so ``qsearch --help`` stays instant."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from qsearch import QSearchError, __version__
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not a usage dump
+        raise QSearchError(f"{message} (see `{self.prog} --help`)")
+
+
+def _bits_list(text: str) -> list[int]:
+    try:
+        return [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise QSearchError(f"bit list {text!r} not understood: use comma-separated integers "
+                           "such as 1,2,4,8") from None
+
+
+def _kv(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise QSearchError(f"--strategy-arg {text!r} must look like key=value, e.g. "
+                           "--strategy-arg qems=[0.5,1,2]")
+    import yaml
+
+    return key, yaml.safe_load(value)
+
+
+# ----- qsearch space show ------------------------------------------------------------------
+def cmd_space_show(args) -> None:
+    from qsearch.budget import format_cost, parse_budget
+    from qsearch.space import SearchSpace
+
+    space = SearchSpace(args.model, args.dataset, data_root=args.data_root, a_bits=args.a_bits)
+    bits = _bits_list(args.bits)
+    cand = space.candidate(bits[0] if len(bits) == 1 else bits, width=args.width)
+    aligned = None
+    if args.budget:
+        aligned = space.align(cand, parse_budget(args.budget))
+        cand = aligned.candidate
+    rows = space.table(cand)
+    print(f"{space.model} on {space.dataset}: {len(rows)} quantizable layers, width "
+          f"{cand.width:.4g}, activations {cand.a_bits} bit")
+    head = f"{'#':>3} {'layer':<22} {'role':<9} {'cin':>5} {'cout':>5} {'k':>3} {'s':>2} " \
+           f"{'out':>7} {'bits':>4} {'C_size':>10} {'share':>6} {'BitOPs':>10}"
+    print(head)
+    for i, r in enumerate(rows):
+        print(f"{i:>3} {r['layer']:<22} {r['role']:<9} {r['cin']:>5} {r['cout']:>5} "
+              f"{r['kernel']:>3} {r['stride']:>2} {r['out']:>7} {r['bits']:>4} "
+              f"{format_cost(r['c_size_bits'], 'size'):>10} {r['share']:>6.1%} "
+              f"{format_cost(r['bitops'], 'bitops'):>10}")
+    mem = space.memory_footprint(cand)
+    packed = space.packed_bytes(cand)
+    print(f"C_size {format_cost(space.c_size(cand), 'size')} ({space.c_size(cand):.6g} bits), "
+          f"BitOPs {format_cost(space.bitops(cand), 'bitops')}, inference memory "
+          f"{format_cost(mem, 'size')}, packed file ~{packed['total_bytes']:,} bytes")
+    if aligned:
+        print(f"width aligned to {aligned.budget}: width {cand.width:.6g}, achieved "
+              f"{aligned.ratio:.2%} of the budget")
+
+
+# ----- run / resume / results / strategies ---------------------------------------------
+_RUN_FLAGS = {  # CLI flag -> spec key (flags override the recipe)
+    "strategy": "strategy", "budget": "budget", "model": "model", "dataset": "dataset",
+    "proxy_budget": "proxy_budget", "trials": "trials", "seed": "seed",
+    "cpus_per_trial": "cpus_per_trial", "gpus_per_trial": "gpus_per_trial",
+    "concurrency": "concurrency", "address": "address", "out": "out", "a_bits": "a_bits",
+    "final_epochs": "final_epochs", "max_failures": "max_failures", "name": "name",
+    "width_min": "width_min", "width_max": "width_max",
+}
+
+
+def spec_from_args(args):
+    from qsearch.spec import Spec, load_yaml
+
+    base = load_yaml(args.recipe) if args.recipe else {}
+    spec = Spec.from_dict(base, source=args.recipe or "spec")
+    over = {key: getattr(args, flag) for flag, key in _RUN_FLAGS.items()
+            if getattr(args, flag) is not None}
+    if args.bit_choices:
+        over["bit_choices"] = _bits_list(args.bit_choices)
+    train = dict(spec.train)
+    if args.steps is not None and args.epochs is not None:
+        raise QSearchError("--steps and --epochs both given: a trial length is one of them")
+    if args.steps is not None:
+        train.pop("epochs", None)
+        train["steps"] = args.steps
+    if args.epochs is not None:
+        train.pop("steps", None)
+        train["epochs"] = args.epochs
+    if args.batch_size is not None:
+        train["batch_size"] = args.batch_size
+    over["train"] = train
+    data = dict(spec.data)
+    for flag, key in (("data_root", "root"), ("train_fraction", "train_fraction")):
+        if getattr(args, flag) is not None:
+            data[key] = getattr(args, flag)
+    over["data"] = data
+    if args.strategy_arg:
+        over["strategy_kwargs"] = {**spec.strategy_kwargs, **dict(args.strategy_arg)}
+    return spec.replace(**over)
+
+
+def cmd_run(args) -> None:
+    from qsearch.tune import run_experiment
+
+    run_experiment(spec_from_args(args))
+
+
+def cmd_resume(args) -> None:
+    from qsearch.tune import resume_experiment
+
+    resume_experiment(Path(args.dir))
+
+
+def cmd_strategies(args) -> None:
+    from qsearch.strategy import get_strategy, list_strategies
+
+    for name in list_strategies():
+        doc = (get_strategy(name).__doc__ or sys.modules[get_strategy(name).__module__].__doc__
+               or "").strip().splitlines()[0]
+        print(f"{name:<14} {doc}")
+
+
+def cmd_results(args) -> None:
+    from qsearch.budget import format_cost
+    from qsearch.store import FILENAME, ResultsStore
+
+    d = Path(args.dir)
+    if not (d / FILENAME).exists():
+        raise QSearchError(f"no {FILENAME} in {str(d)!r}: give the --out directory of a "
+                           "`qsearch run`")
+    rows = sorted(ResultsStore(d).rows, key=lambda r: (r["stage"], r["trial_index"]))
+    if args.json:
+        print(json.dumps(rows, indent=1, default=str))
+        return
+    print(f"{'#':>3} {'stage':<6} {'strategy':<13} {'status':<8} {'val_acc':>8} "
+          f"{'C_size':>9} {'ratio':>7} {'width':>7} {'train_s':>8} {'wall_s':>7} node / error")
+    for r in rows:
+        acc = f"{r['val_acc']:.2%}" if r["val_acc"] == r["val_acc"] else "-"
+        size = format_cost(r["c_size"], "size") if r["c_size"] else "-"
+        ratio = f"{r['budget_ratio']:.2%}" if r["budget_ratio"] else "-"
+        width = f"{r['width']:.4g}" if r["width"] else "-"
+        train_s = f"{r['train_seconds']:.1f}" if r["train_seconds"] else "-"
+        print(f"{r['trial_index']:>3} {r['stage']:<6} {r['strategy']:<13} {r['status']:<8} "
+              f"{acc:>8} {size:>9} {ratio:>7} {width:>7} {train_s:>8} "
+              f"{r['wall_seconds'] or 0:>7.1f} {r['error'] or r['node'] or ''}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="qsearch", description="Find the most accurate quantized CNN that fits "
+                "a model-size or BitOPs budget.")
+    p.add_argument("--version", action="version", version=f"qsearch {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="run a search (flags override the recipe)")
+    run.add_argument("recipe", nargs="?", help="YAML recipe in experiments/")
+    run.add_argument("--strategy", help="search strategy (see `qsearch strategies`)")
+    run.add_argument("--budget", help="target budget: 12MB, 512KiB, 96Mbit, 20GBitOPs ...")
+    run.add_argument("--proxy-budget", help="search at this budget, then re-align the winner "
+                     "to --budget ('auto' by default, 'none' to disable)")
+    run.add_argument("--model", help="model family (default resnet20)")
+    run.add_argument("--dataset", help="fashion-mnist (default), cifar10, cifar100, imagefolder")
+    run.add_argument("--data-root", help="dataset directory")
+    run.add_argument("--train-fraction", type=float, help="fraction of the train split used")
+    run.add_argument("--trials", type=int, help="maximum number of search trials")
+    run.add_argument("--steps", type=int, help="training steps per trial (default 300)")
+    run.add_argument("--epochs", type=float, help="epochs per trial (instead of --steps)")
+    run.add_argument("--batch-size", type=int)
+    run.add_argument("--a-bits", type=int, help="activation bits (default 4; 32 = float)")
+    run.add_argument("--bit-choices", help="weight bits to search, e.g. 1,2,4,8")
+    run.add_argument("--width-min", type=float)
+    run.add_argument("--width-max", type=float)
+    run.add_argument("--strategy-arg", action="append", type=_kv, metavar="KEY=VALUE",
+                     help="strategy option (repeatable), e.g. --strategy-arg bits=[2,4]")
+    run.add_argument("--seed", type=int)
+    run.add_argument("--cpus-per-trial", type=float)
+    run.add_argument("--gpus-per-trial", type=float, help="fractions allowed, e.g. 0.25")
+    run.add_argument("--concurrency", type=int, help="trials at once (default: CPUs / cpus "
+                     "per trial)")
+    run.add_argument("--max-failures", type=int, help="retries of a failed trial (default 2)")
+    run.add_argument("--address", help="join an existing Ray cluster (host:port)")
+    run.add_argument("--out", help="experiment directory (default runs/<strategy>-<time>)")
+    run.add_argument("--name", help="experiment id (default: the directory name)")
+    run.add_argument("--final-epochs", type=float, help=argparse.SUPPRESS)
+    run.set_defaults(fn=cmd_run)
+
+    res = sub.add_parser("resume", help="continue an interrupted experiment")
+    res.add_argument("dir")
+    res.set_defaults(fn=cmd_resume)
+
+    st = sub.add_parser("strategies", help="list the registered strategies")
+    st.set_defaults(fn=cmd_strategies)
+
+    rs = sub.add_parser("results", help="table of an experiment's trials")
+    rs.add_argument("dir")
+    rs.add_argument("--json", action="store_true")
+    rs.set_defaults(fn=cmd_results)
+
+    sp = sub.add_parser("space", help="inspect a search space")
+    sps = sp.add_subparsers(dest="space_command", required=True, parser_class=_Parser)
+    show = sps.add_parser("show", help="per-layer table, costs and width alignment")
+    show.add_argument("--model", default="resnet20")
+    show.add_argument("--dataset", default="fashion-mnist")
+    show.add_argument("--data-root")
+    show.add_argument("--bits", default="4", help="one bit-width for the free layers, or one "
+                      "per free layer (comma-separated)")
+    show.add_argument("--a-bits", type=int, default=4)
+    show.add_argument("--width", type=float, default=1.0)
+    show.add_argument("--budget", help="align the width to this budget")
+    show.set_defaults(fn=cmd_space_show)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        args.fn(args)
+    except QSearchError as e:
+        print(f"qsearch: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qsearch: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

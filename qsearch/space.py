@@ -1,0 +1,358 @@
+"""The search space shared by every strategy: layer inventory, cost model, width alignment.
+
+One shape trace of a model family at width 1 records, for every quantizable layer
+(Conv2d/Linear), which plan entry feeds its Cin, Cout and groups. Any width is then
+evaluated from ``family.plan(width)`` alone, so costs and width alignment need no model.
+
+Costs (all vectorised over layers):
+
+- ``C_size`` (Eq. 6, DualPrecision / One-Bitwidth): sum over filters of b x Cin/groups x Kw x Kh;
+  conv and fc weights only (no bias, no BN).
+- BitOPs (FracBits Sec. 3.3, Eq. 6b): per layer MACs x weight bits x input-activation bits;
+  a depthwise layer's MACs count Cin/groups = 1 channel per filter; the first layer reads the
+  8-bit image; every other layer (fc included) reads activations at ``a_bits``.
+- Inference memory footprint (DualPrecision Appendix F): largest input feature map + largest
+  output feature map + all weights, for a batch of one.
+- Packed size estimate: weight codes bit-packed per layer + one float32 scale per quantized
+  filter + remaining float parameters (BN affine and running stats, biases) at 32 bits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+from qsearch import QSearchError
+from qsearch.budget import Budget, format_cost
+from qsearch.candidate import FLOAT_BITS, Candidate
+from qsearch.data import dataset_info
+from qsearch.spaces import Ch, Family, get_family
+
+INPUT_BITS = 8  # the image enters the first layer as 8-bit data
+DEFAULT_BIT_CHOICES = (1, 2, 4, 8)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One quantizable layer as traced at width 1. ``*_key`` name the plan entries it uses."""
+
+    index: int
+    name: str
+    role: str  # stem | conv | pointwise | depthwise | fc
+    cin: int
+    cout: int
+    groups: int
+    kernel: tuple[int, int]
+    stride: int
+    in_hw: tuple[int, int]
+    out_hw: tuple[int, int]
+    cin_key: str | None
+    cout_key: str | None
+    groups_key: str | None
+
+    @property
+    def fan_in(self) -> int:
+        """d = Cin/groups x Kh x Kw, the elements per output filter."""
+        return self.cin // self.groups * self.kernel[0] * self.kernel[1]
+
+    @property
+    def params(self) -> int:
+        return self.cout * self.fan_in
+
+    @property
+    def macs(self) -> int:
+        return self.params * self.out_hw[0] * self.out_hw[1]
+
+
+@dataclass(frozen=True)
+class Aligned:
+    """A candidate whose width was solved to fill a budget."""
+
+    candidate: Candidate
+    cost: float
+    budget: Budget
+
+    @property
+    def ratio(self) -> float:
+        return self.cost / self.budget.value
+
+
+def _key(value) -> str | None:
+    return value.key if isinstance(value, Ch) else None
+
+
+def trace_layers(family: Family, plan: dict, *, in_channels: int, num_classes: int,
+                 image_size: int) -> tuple[list[Layer], list[tuple[str | None, int, int]]]:
+    """Build the model on the meta device, run one forward, record every quantizable layer.
+
+    Also returns the float parameters outside conv/fc weights (BN affine + running stats,
+    biases) as (plan key or None, floats per channel, channels at this plan) triples.
+    """
+    import torch
+    import torch.nn as nn
+
+    with torch.device("meta"):
+        model = family.build(plan, in_channels=in_channels, num_classes=num_classes)
+    seen: dict[str, tuple] = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, (nn.Conv2d, nn.Linear)):
+            def hook(m, inp, out, name=name):
+                seen.setdefault(name, (m, tuple(inp[0].shape), tuple(out.shape)))
+            hooks.append(mod.register_forward_hook(hook))
+    with torch.no_grad():
+        model(torch.empty(1, in_channels, image_size, image_size, device="meta"))
+    for h in hooks:
+        h.remove()
+
+    layers = []
+    for i, (name, (m, ishape, oshape)) in enumerate(seen.items()):
+        hw_in = tuple(ishape[2:]) if len(ishape) == 4 else (1, 1)
+        hw_out = tuple(oshape[2:]) if len(oshape) == 4 else (1, 1)
+        if isinstance(m, nn.Linear):
+            cin, cout, groups, kernel, stride = m.in_features, m.out_features, 1, (1, 1), 1
+            role = "fc"
+        else:
+            cin, cout, groups = m.in_channels, m.out_channels, m.groups
+            kernel, stride = tuple(m.kernel_size), m.stride[0]
+            role = ("stem" if i == 0 else "depthwise" if groups > 1 and groups == cin
+                    else "pointwise" if kernel == (1, 1) else "conv")
+        layers.append(Layer(i, name, role, int(cin), int(cout), int(groups), kernel, stride,
+                            hw_in, hw_out, _key(cin), _key(cout),
+                            _key(groups) if groups > 1 else None))
+    extras = []
+    for mod in model.modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            extras.append((_key(mod.num_features), 4, int(mod.num_features)))
+        elif isinstance(mod, (nn.Conv2d, nn.Linear)) and mod.bias is not None:
+            n = mod.out_channels if isinstance(mod, nn.Conv2d) else mod.out_features
+            extras.append((_key(n), 1, int(n)))
+    return layers, extras
+
+
+class SearchSpace:
+    """A CNN family on a dataset: layer inventory, candidates, costs and width alignment.
+
+    Args:
+        model: a registered family name (``qsearch.spaces.list_families()``).
+        dataset: dataset name; sets input channels, classes and resolution.
+        a_bits: activation bits of candidates (4 matches the papers' CIFAR setting and is
+            iso-accurate with float on Fashion-MNIST in our runs; 32 = float).
+        bit_choices: weight bit-widths strategies may assign to free layers.
+        pin_bits: bits of the first and last layer (8, as in the papers); None frees them.
+        fixed_first / fixed_last: keep the stem / final feature channels at their 1x value
+            (default: True for ImageNet-resolution families, as the papers do).
+        width_bounds: the range width alignment may search.
+    """
+
+    def __init__(self, model: str = "resnet20", dataset: str = "fashion-mnist", *,
+                 data_root: str | None = None, a_bits: int = 4,
+                 bit_choices: Sequence[int] = DEFAULT_BIT_CHOICES, pin_bits: int | None = 8,
+                 fixed_first: bool | None = None, fixed_last: bool | None = None,
+                 width_bounds: tuple[float, float] = (0.05, 32.0)):
+        self.model, self.dataset = model, dataset
+        self.family = get_family(model)
+        self.info = dataset_info(dataset, data_root)
+        bad = [b for b in bit_choices if b not in (*range(1, 9), FLOAT_BITS)]
+        if bad or not bit_choices:
+            raise QSearchError(f"bit choices {list(bit_choices)} not allowed: use values "
+                               "from 1..8 (32 = float), e.g. --bit-choices 1,2,4,8")
+        lo, hi = width_bounds
+        if not 0 < lo < hi:
+            raise QSearchError(f"width bounds ({lo}, {hi}) invalid: need 0 < min < max, "
+                               "e.g. --width-min 0.1 --width-max 8")
+        self.a_bits = a_bits
+        self.bit_choices = tuple(sorted(set(bit_choices)))
+        self.pin_bits = pin_bits
+        self.width_bounds = (float(lo), float(hi))
+        imagenet = self.info.image_size >= 128
+        self.fixed_first = imagenet if fixed_first is None else fixed_first
+        self.fixed_last = imagenet if fixed_last is None else fixed_last
+        self.layers, self._extras = trace_layers(
+            self.family, self.plan(1.0), in_channels=self.info.in_channels,
+            num_classes=self.info.num_classes, image_size=self.info.image_size)
+        self._kernel = np.array([l.kernel[0] * l.kernel[1] for l in self.layers], float)
+        self._hw_out = np.array([l.out_hw[0] * l.out_hw[1] for l in self.layers], float)
+        self._hw_in = np.array([l.in_hw[0] * l.in_hw[1] for l in self.layers], float)
+
+    # ----- structure -------------------------------------------------------------------
+    def describe(self) -> dict:
+        """Everything that defines the space, as plain data (for specs and hashes)."""
+        return {"model": self.model, "dataset": self.dataset, "a_bits": self.a_bits,
+                "bit_choices": list(self.bit_choices), "pin_bits": self.pin_bits,
+                "fixed_first": self.fixed_first, "fixed_last": self.fixed_last,
+                "width_bounds": list(self.width_bounds)}
+
+    @property
+    def pinned(self) -> dict[int, int]:
+        """Layer index -> bits for the first and last layer (empty when pin_bits is None)."""
+        if self.pin_bits is None:
+            return {}
+        return {0: self.pin_bits, len(self.layers) - 1: self.pin_bits}
+
+    @cached_property
+    def free_layers(self) -> list[int]:
+        return [l.index for l in self.layers if l.index not in self.pinned]
+
+    @cached_property
+    def groups(self) -> dict[str, list[int]]:
+        """Free layers by group: ``depthwise`` and ``other`` (DualPrecision's two precisions)."""
+        dw = [i for i in self.free_layers if self.layers[i].role == "depthwise"]
+        other = [i for i in self.free_layers if self.layers[i].role != "depthwise"]
+        return {k: v for k, v in (("depthwise", dw), ("other", other)) if v}
+
+    def plan(self, width: float) -> dict:
+        return self.family.plan(width, fixed_first=self.fixed_first, fixed_last=self.fixed_last)
+
+    def build(self, candidate: Candidate | float):
+        """The float model (torch nn.Module) at the candidate's width."""
+        width = candidate.width if isinstance(candidate, Candidate) else float(candidate)
+        return self.family.build(self.plan(width), in_channels=self.info.in_channels,
+                                 num_classes=self.info.num_classes)
+
+    def layer_bits(self, candidate: Candidate) -> dict[str, int]:
+        """Module name -> weight bits, as ``quantize_model`` takes it."""
+        return {l.name: b for l, b in zip(self.layers, candidate.w_bits)}
+
+    def candidate(self, bits: int | Sequence[int] | Mapping[str, int], *,
+                  width: float = 1.0, a_bits: int | None = None) -> Candidate:
+        """A candidate from uniform bits, bits per free layer, bits per layer, or per group.
+
+        Pinned layers always get ``pin_bits``.
+        """
+        n = len(self.layers)
+        if isinstance(bits, Mapping):
+            unknown = set(bits) - set(self.groups)
+            if unknown:
+                raise QSearchError(f"unknown layer groups {sorted(unknown)}: this space has "
+                                   f"{sorted(self.groups)}")
+            w = [8] * n
+            for g, idx in self.groups.items():
+                for i in idx:
+                    w[i] = bits[g]
+        elif isinstance(bits, (int, np.integer)):
+            w = [int(bits)] * n
+        else:
+            bits = [int(b) for b in bits]
+            if len(bits) == len(self.free_layers):
+                w = [8] * n
+                for i, b in zip(self.free_layers, bits):
+                    w[i] = b
+            elif len(bits) == n:
+                w = list(bits)
+            else:
+                raise QSearchError(f"{len(bits)} bit values given: {self.model} has {n} "
+                                   f"layers, {len(self.free_layers)} of them free")
+        for i, b in self.pinned.items():
+            w[i] = b
+        return Candidate(tuple(w), self.a_bits if a_bits is None else a_bits, float(width))
+
+    # ----- shapes and costs ------------------------------------------------------------
+    def shapes(self, width: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(Cin, Cout, groups) of every layer at ``width``."""
+        p = self.plan(width)
+        def pick(key, const):
+            return p[key] if key is not None else const
+        cin = np.array([pick(l.cin_key, l.cin) for l in self.layers], float)
+        cout = np.array([pick(l.cout_key, l.cout) for l in self.layers], float)
+        groups = np.array([pick(l.groups_key, l.groups) for l in self.layers], float)
+        return cin, cout, groups
+
+    def params(self, width: float) -> np.ndarray:
+        """Weights per layer: Cout x Cin/groups x Kh x Kw."""
+        cin, cout, groups = self.shapes(width)
+        return cout * (cin / groups) * self._kernel
+
+    def c_size(self, cand: Candidate) -> float:
+        """Eq. (6): sum over filters of b(i) x Cin(i)/groups x Kw(i) x Kh(i), in bits."""
+        return float(np.dot(np.asarray(cand.w_bits, float), self.params(cand.width)))
+
+    def _act_bits(self, a_bits: int) -> np.ndarray:
+        a = np.full(len(self.layers), float(a_bits))
+        a[0] = INPUT_BITS
+        return a
+
+    def bitops(self, cand: Candidate) -> float:
+        """FracBits Eq. (6b) at integer bits: sum of MACs x w_bits x input a_bits."""
+        macs = self.params(cand.width) * self._hw_out
+        return float(np.sum(macs * np.asarray(cand.w_bits, float) * self._act_bits(cand.a_bits)))
+
+    def cost(self, cand: Candidate, kind: str) -> float:
+        return self.c_size(cand) if kind == "size" else self.bitops(cand)
+
+    def memory_footprint(self, cand: Candidate) -> float:
+        """DualPrecision Appendix F, in bits: largest input + largest output map + weights."""
+        cin, cout, _ = self.shapes(cand.width)
+        act = self._act_bits(cand.a_bits)
+        largest_in = np.max(cin * self._hw_in * act)
+        largest_out = np.max(cout * self._hw_out * cand.a_bits)
+        return float(largest_in + largest_out + self.c_size(cand))
+
+    def packed_bytes(self, cand: Candidate) -> dict[str, int]:
+        """Estimate of the exported file's payload: codes, per-filter scales, float params."""
+        p = self.plan(cand.width)
+        _, cout, _ = self.shapes(cand.width)
+        params = self.params(cand.width)
+        bits = np.asarray(cand.w_bits, float)
+        quantized = bits < FLOAT_BITS
+        codes = int(sum(math.ceil(n * b / 8) for n, b in zip(params[quantized], bits[quantized])))
+        scales = int(4 * cout[quantized].sum())
+        floats = int(params[~quantized].sum())
+        floats += sum(mult * (p[key] if key else n) for key, mult, n in self._extras)
+        return {"code_bytes": codes, "scale_bytes": scales, "float_bytes": 4 * floats,
+                "total_bytes": codes + scales + 4 * floats}
+
+    # ----- width alignment -------------------------------------------------------------
+    def min_cost(self, bits: Candidate, kind: str) -> float:
+        return self.cost(bits.with_width(self.width_bounds[0]), kind)
+
+    def align(self, cand: Candidate, budget: Budget, *, tol: float = 1e-7) -> Aligned:
+        """Solve the width multiplier so the model fills the budget (cost <= budget).
+
+        Channel counts are integers, so cost is a non-decreasing step function of width;
+        bisection finds the largest width whose cost fits. The achieved ratio is usually
+        >= 99% of the budget; at very small widths the channel granularity may not allow it
+        (``Aligned.ratio`` reports what was reached).
+        """
+        lo, hi = self.width_bounds
+        def cost(w: float) -> float:
+            return self.cost(cand.with_width(w), budget.kind)
+        if cost(lo) > budget.value:
+            raise QSearchError(
+                f"budget {budget} is below the smallest {self.model} model with these bits "
+                f"({format_cost(cost(lo), budget.kind)} at width {lo}): raise the budget or "
+                "use fewer bits")
+        if cost(hi) <= budget.value:
+            return Aligned(cand.with_width(hi), cost(hi), budget)
+        while hi - lo > tol * hi:
+            mid = 0.5 * (lo + hi)
+            if cost(mid) <= budget.value:
+                lo = mid
+            else:
+                hi = mid
+        width = round(lo, 6)
+        if cost(width) > budget.value:
+            width = lo
+        return Aligned(cand.with_width(width), cost(width), budget)
+
+    # ----- display ---------------------------------------------------------------------
+    def table(self, cand: Candidate) -> list[dict]:
+        """One row per layer: role, shape, bits, share of C_size, BitOPs."""
+        cin, cout, groups = self.shapes(cand.width)
+        params = self.params(cand.width)
+        bits = np.asarray(cand.w_bits, float)
+        size = bits * params
+        bitops = params * self._hw_out * bits * self._act_bits(cand.a_bits)
+        rows = []
+        for l, ci, co, g, s, bo, b in zip(self.layers, cin, cout, groups, size, bitops,
+                                          cand.w_bits):
+            k = f"{l.kernel[0]}x{l.kernel[1]}"
+            rows.append({"layer": l.name, "role": l.role, "cin": int(ci), "cout": int(co),
+                         "groups": int(g), "kernel": k, "stride": l.stride,
+                         "out": f"{l.out_hw[0]}x{l.out_hw[1]}", "bits": b,
+                         "c_size_bits": s, "share": s / size.sum(), "bitops": bo})
+        return rows

@@ -1,0 +1,219 @@
+"""The strategy contract: ask for a trial, tell its result, save and restore state.
+
+Strategies never import Ray: :mod:`qsearch.tune` adapts any strategy into a Ray Tune
+``Searcher``, so a strategy is unit-tested with a plain loop (see ``run_local``).
+
+A :class:`Proposal` names a *task* (how the trial runs, see :mod:`qsearch.tasks`) and its
+inputs. Most strategies propose ``task="train"`` with a width-aligned candidate; a strategy
+whose search is itself a training run (FracBits) or that needs a trained float model first
+(MixQuant) registers its own task in its own file, so the runner has no special cases.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import pkgutil
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from qsearch import QSearchError
+from qsearch.budget import Budget
+from qsearch.candidate import Candidate
+from qsearch.space import SearchSpace
+
+FINISHED = "FINISHED"  # ask() returns this when the strategy has nothing more to propose
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """One trial to run: a task name, its candidate (if any) and JSON-able parameters."""
+
+    candidate: Candidate | None
+    task: str = "train"
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"task": self.task, "params": self.params,
+                "candidate": self.candidate.to_dict() if self.candidate else None}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Proposal:
+        cand = Candidate.from_dict(d["candidate"]) if d.get("candidate") else None
+        return cls(cand, d.get("task", "train"), dict(d.get("params") or {}))
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a trial produced. ``candidate`` is the network it evaluated (for FracBits the
+    discretised one); ``metrics`` carries everything else the task reported."""
+
+    status: str  # "ok" | "failed" | "diverged"
+    val_acc: float = float("nan")
+    candidate: Candidate | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok" and math.isfinite(self.val_acc)
+
+
+class Strategy(ABC):
+    """Base class. Subclasses implement ``ask`` and ``tell``; the rest is optional.
+
+    Args (keyword-only past ``space`` and ``budget``; subclasses add their own):
+        space: the search space (layers, groups, costs, width alignment).
+        budget: the budget this search runs at (a proxy budget when the runner uses one).
+        seed: same seed, same proposals.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, space: SearchSpace, budget: Budget, *, seed: int = 0):
+        self.space, self.budget, self.seed = space, budget, seed
+        self.rng = np.random.default_rng(seed)
+
+    @abstractmethod
+    def ask(self, trial_id: str) -> Proposal | None | str:
+        """A proposal, ``None`` (nothing right now: ask again later) or ``FINISHED``."""
+
+    @abstractmethod
+    def tell(self, trial_id: str, result: Result) -> None:
+        """The result of the trial proposed under ``trial_id`` (failures included)."""
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable state from which ``load_state_dict`` resumes the search.
+
+        It includes trials in flight: on resume the runner continues them under the same
+        trial ids and calls ``tell`` with their results.
+        """
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+
+    def summary(self) -> dict:
+        """Extra results worth showing (e.g. DualPrecision's grid table); plain data."""
+        return {}
+
+    def align(self, bits, a_bits: int | None = None) -> Candidate:
+        """Bits (any form ``SearchSpace.candidate`` takes) width-aligned to the budget."""
+        cand = self.space.candidate(bits, a_bits=a_bits)
+        return self.space.align(cand, self.budget).candidate
+
+
+class GridStrategy(Strategy):
+    """Proposes each cell of a fixed list once, then FINISHED.
+
+    Subclasses set ``self.cells`` (JSON-able values) and implement ``propose(cell)``.
+    Cells in flight are part of the state: on resume the runner continues those trials
+    under the same ids and tells their results.
+    """
+
+    cells: list
+
+    def __init__(self, space: SearchSpace, budget: Budget, *, seed: int = 0):
+        super().__init__(space, budget, seed=seed)
+        self.done: dict[int, float] = {}  # cell index -> val_acc (nan = failed)
+        self.inflight: dict[str, int] = {}
+
+    @abstractmethod
+    def propose(self, cell) -> Proposal: ...
+
+    def ask(self, trial_id: str) -> Proposal | str:
+        busy = set(self.done) | set(self.inflight.values())
+        todo = [i for i in range(len(self.cells)) if i not in busy]
+        if not todo:
+            return FINISHED
+        self.inflight[trial_id] = todo[0]
+        return self.propose(self.cells[todo[0]])
+
+    def tell(self, trial_id: str, result: Result) -> None:
+        i = self.inflight.pop(trial_id)
+        self.done[i] = result.val_acc if result.ok else float("nan")
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "done": {str(i): a for i, a in self.done.items()},
+                "inflight": self.inflight}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.done = {int(i): a for i, a in state["done"].items()}
+        self.inflight = dict(state["inflight"])
+
+    def results(self) -> list[tuple[Any, float]]:
+        """(cell, accuracy) for every finished cell, in grid order (nan = failed)."""
+        return [(self.cells[i], self.done[i]) for i in sorted(self.done)]
+
+
+# ----- registry -----------------------------------------------------------------------
+_STRATEGIES: dict[str, type[Strategy]] = {}
+
+
+def register_strategy(name: str) -> Callable[[type[Strategy]], type[Strategy]]:
+    def deco(cls: type[Strategy]) -> type[Strategy]:
+        if name in _STRATEGIES:
+            raise ValueError(f"strategy {name!r} is registered twice")
+        cls.name = name
+        _STRATEGIES[name] = cls
+        return cls
+    return deco
+
+
+def _load_all() -> None:
+    import qsearch.strategies as pkg
+
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        if not mod.name.startswith("_"):
+            importlib.import_module(f"qsearch.strategies.{mod.name}")
+
+
+def list_strategies() -> list[str]:
+    _load_all()
+    return sorted(_STRATEGIES)
+
+
+def get_strategy(name: str) -> type[Strategy]:
+    _load_all()
+    if name not in _STRATEGIES:
+        raise QSearchError(f"unknown strategy {name!r}: choose one of "
+                           f"{', '.join(sorted(_STRATEGIES))} (see `qsearch strategies`)")
+    return _STRATEGIES[name]
+
+
+def create_strategy(name: str, space: SearchSpace, budget: Budget, *, seed: int = 0,
+                    **kwargs: Any) -> Strategy:
+    """Instantiate a registered strategy; unknown keyword arguments are an error."""
+    cls = get_strategy(name)
+    try:
+        return cls(space, budget, seed=seed, **kwargs)
+    except TypeError as e:
+        if "unexpected keyword argument" in str(e):
+            import inspect
+
+            valid = [p for p in inspect.signature(cls.__init__).parameters
+                     if p not in ("self", "space", "budget", "seed")]
+            raise QSearchError(f"strategy {name!r}: {e.args[0].split('() ')[-1]}; valid "
+                               f"options: {', '.join(valid) or 'none'}") from None
+        raise
+
+
+def run_local(strategy: Strategy, evaluate: Callable[[Proposal], Result], *,
+              max_trials: int) -> list[tuple[Proposal, Result]]:
+    """Drive a strategy sequentially without Ray (tests, analytic checks)."""
+    history = []
+    for i in range(max_trials):
+        proposal = strategy.ask(str(i))
+        if proposal == FINISHED:
+            break
+        if proposal is None:
+            raise RuntimeError(f"{strategy.name} returned None with no trial pending")
+        result = evaluate(proposal)
+        strategy.tell(str(i), result)
+        history.append((proposal, result))
+    return history

@@ -1,0 +1,113 @@
+"""Trial tasks: how a proposal is turned into a result inside one Ray Tune trial.
+
+``train`` (here) quantizes the candidate, trains it for the trial length and reports
+validation accuracy. Strategies with another kind of trial register theirs in their own
+file with ``@register_task("name")``; the runner looks the task up by the proposal's name.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from qsearch import QSearchError
+from qsearch.budget import Budget
+from qsearch.space import SearchSpace
+from qsearch.strategy import Proposal, Result, _load_all
+
+TaskFn = Callable[["TaskContext"], Result]
+_TASKS: dict[str, TaskFn] = {}
+
+
+@dataclass
+class TaskContext:
+    """Everything a task needs. ``report`` sends intermediate metrics (and, through
+    ``state_fn``, a checkpointable state) to the runner and returns True when the trial
+    should stop; ``restored`` is the last such state when a trial is retried or resumed."""
+
+    space: SearchSpace
+    proposal: Proposal
+    budget: Budget
+    train: dict[str, Any]  # TrainConfig fields (qsearch.train.TrainConfig)
+    data: dict[str, Any]  # load_dataset keyword arguments (root, val_fraction, train_fraction)
+    seed: int
+    device: str
+    report: Callable[[dict, Callable[[], dict] | None], bool]
+    restored: dict | None = None
+
+    def train_config(self, **overrides):
+        from qsearch.train import TrainConfig
+
+        return TrainConfig(**{**self.train, "seed": self.seed, **overrides})
+
+    def splits(self):
+        """The dataset splits, loaded once per worker process (device-resident when small)."""
+        from qsearch.data import load_dataset
+
+        key = (self.space.dataset, self.device, self.seed,
+               tuple(sorted((k, str(v)) for k, v in self.data.items())))
+        if key not in _SPLITS:
+            _SPLITS.clear()
+            _SPLITS[key] = load_dataset(self.space.dataset, seed=self.seed,
+                                        device=self.device, **self.data)
+        return _SPLITS[key]
+
+
+_SPLITS: dict = {}
+
+
+def register_task(name: str) -> Callable[[TaskFn], TaskFn]:
+    def deco(fn: TaskFn) -> TaskFn:
+        if name in _TASKS:
+            raise ValueError(f"task {name!r} is registered twice")
+        _TASKS[name] = fn
+        return fn
+    return deco
+
+
+def get_task(name: str) -> TaskFn:
+    if name not in _TASKS:
+        _load_all()  # strategies register their own tasks when imported
+    if name not in _TASKS:
+        raise QSearchError(f"unknown trial task {name!r}: known tasks {sorted(_TASKS)}")
+    return _TASKS[name]
+
+
+def train_candidate(ctx: TaskContext, candidate, *, scheme: str = "dualprecision",
+                    config=None):
+    """Build, quantize and train ``candidate``; returns (model, TrainResult)."""
+    import torch
+
+    from qsearch.quant import quantize_model
+    from qsearch.train import train
+
+    torch.manual_seed(ctx.seed)
+    model = ctx.space.build(candidate)
+    quantize_model(model, ctx.space.layer_bits(candidate), candidate.a_bits, scheme=scheme)
+    model.to(ctx.device)
+    return model, train(model, ctx.splits(), config or ctx.train_config(), device=ctx.device,
+                        callback=lambda m, state_fn: ctx.report(m, state_fn),
+                        start_state=ctx.restored)
+
+
+def cost_metrics(space: SearchSpace, candidate, budget: Budget) -> dict[str, float]:
+    """The costs every result row carries."""
+    c_size, bitops = space.c_size(candidate), space.bitops(candidate)
+    return {"c_size": c_size, "bitops": bitops, "width": candidate.width,
+            "budget_ratio": (c_size if budget.kind == "size" else bitops) / budget.value}
+
+
+@register_task("train")
+def train_task(ctx: TaskContext) -> Result:
+    """Quantization-aware training of the proposed candidate for the trial length."""
+    cand = ctx.proposal.candidate
+    start = time.perf_counter()
+    _, res = train_candidate(ctx, cand)
+    metrics = {**cost_metrics(ctx.space, cand, ctx.budget),
+               "train_seconds": res.train_seconds, "steps": res.steps,
+               "best_val_acc": res.best_val_acc, "task_seconds": time.perf_counter() - start}
+    status = "ok" if res.status in ("ok", "stopped") else res.status
+    return Result(status, res.val_acc, cand, metrics,
+                  error=getattr(res, "reason", None) if status != "ok" else None)

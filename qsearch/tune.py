@@ -1,0 +1,567 @@
+"""The Ray Tune runner: every trial of every strategy is a Ray Tune trial.
+
+- :class:`StrategySearcher` adapts any :class:`~qsearch.strategy.Strategy` into a Tune
+  ``Searcher`` (suggest -> ask, on_trial_complete -> tell) and persists the strategy's
+  state as JSON in ``<out>/state.json`` after every ask and tell.
+- :func:`trial_fn` is the function trainable: it runs the proposal's task and reports
+  validation accuracy, costs and timings; intermediate reports carry trial checkpoints.
+- :func:`run_experiment` / :func:`resume_experiment` drive a search: embedded local Ray by
+  default, an existing cluster with ``address``. Results go to the Parquet store as each
+  trial completes.
+
+Resume never unpickles anything: the spec, the strategy state and the store are plain
+files. Trials in flight when the driver died are run again under their original ids,
+from their last trial checkpoint when one was written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from qsearch import QSearchError
+from qsearch.budget import Budget, format_cost, parse_budget
+from qsearch.candidate import Candidate
+from qsearch.space import SearchSpace
+from qsearch.spec import Spec
+from qsearch.store import ResultsStore
+from qsearch.strategy import FINISHED, Proposal, Result, create_strategy
+
+PROXY_REFERENCE = (8, 0.5)  # auto proxy: the size of the 8-bit model at width 0.5
+STATE_FILE, SPEC_FILE, LOCK_FILE = "state.json", "spec.json", ".lock"
+
+
+# ----- spec -> space, budgets -----------------------------------------------------------
+def space_from_spec(spec: Spec) -> SearchSpace:
+    return _space(spec.model, spec.dataset, spec.data.get("root"), spec.a_bits,
+                  tuple(spec.bit_choices), spec.pin_bits, spec.width_min, spec.width_max)
+
+
+@lru_cache(maxsize=8)
+def _space(model, dataset, root, a_bits, bit_choices, pin_bits, wmin, wmax) -> SearchSpace:
+    return SearchSpace(model, dataset, data_root=root, a_bits=a_bits, bit_choices=bit_choices,
+                       pin_bits=pin_bits, width_bounds=(wmin, wmax))
+
+
+@dataclass(frozen=True)
+class Budgets:
+    target: Budget
+    search: Budget
+    reason: str | None  # why a proxy is used (None: the search runs at the target)
+
+
+def plan_budgets(spec: Spec, space: SearchSpace) -> Budgets:
+    """The search budget: the target, or a proxy when the target is too large to train.
+
+    Auto rule: search trials train at most the size of the family's 8-bit model at width
+    0.5 (DualPrecision ran its grid at the 0.25x 8-bit size; 0.5x keeps short CPU trials
+    meaningful). A larger target is searched at that proxy and the winner is re-aligned.
+    """
+    target = parse_budget(spec.budget)
+    space.align(space.candidate(max(space.bit_choices)), target)  # errors if below minimum
+    if spec.proxy_budget in (None, "none", "off"):
+        return Budgets(target, target, None)
+    if spec.proxy_budget == "auto":
+        bits, width = PROXY_REFERENCE
+        ref = space.cost(space.candidate(bits, width=width), target.kind)
+        if target.value <= ref:
+            return Budgets(target, target, None)
+        return Budgets(target, Budget(target.kind, ref),
+                       f"target {target} is larger than the auto proxy limit (the {bits}-bit "
+                       f"{space.model} at width {width}); set --proxy-budget to change it")
+    proxy = parse_budget(spec.proxy_budget)
+    if proxy.kind != target.kind:
+        raise QSearchError(f"proxy budget {spec.proxy_budget!r} is a {proxy.kind} budget but "
+                           f"the target {spec.budget!r} is a {target.kind} budget: use one kind")
+    if proxy.value > target.value:
+        raise QSearchError(f"proxy budget {spec.proxy_budget} exceeds the target "
+                           f"{spec.budget}: a proxy must be smaller")
+    space.align(space.candidate(max(space.bit_choices)), proxy)
+    return Budgets(target, proxy, "set by --proxy-budget")
+
+
+# ----- the trainable --------------------------------------------------------------------
+def _save_state(state: dict, directory: str) -> None:
+    import torch
+
+    torch.save(state, os.path.join(directory, "state.pt"))
+
+
+def _load_state(directory: str | None) -> dict | None:
+    import torch
+
+    path = os.path.join(directory, "state.pt") if directory else None
+    if not path or not os.path.exists(path):
+        return None
+    return torch.load(path, weights_only=True)
+
+
+def trial_fn(config: dict[str, Any]) -> None:
+    """Ray Tune function trainable: run one proposal's task and report its result."""
+    import ray
+    import torch
+    from ray import tune
+
+    from qsearch.tasks import TaskContext, get_task
+    from qsearch.train import set_threads
+
+    start = time.perf_counter()
+    spec = Spec.from_dict(config["spec"])
+    set_threads(max(1, int(spec.cpus_per_trial)))
+    space = space_from_spec(spec)
+    proposal = Proposal.from_dict(config["proposal"])
+    use_gpu = spec.gpus_per_trial > 0 and torch.cuda.is_available()
+    ckpt = tune.get_checkpoint()
+    restored = (_load_state(ckpt.to_directory()) if ckpt else None) or _load_state(
+        config.get("resume_from"))
+
+    def report(metrics: dict, state_fn=None) -> bool:
+        metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
+        if state_fn is None:
+            tune.report({**metrics, "final": False})
+            return False
+        with tempfile.TemporaryDirectory() as d:
+            _save_state(state_fn(), d)
+            tune.report({**metrics, "final": False},
+                        checkpoint=tune.Checkpoint.from_directory(d))
+        return False
+
+    ctx = TaskContext(space=space, proposal=proposal, budget=parse_budget(config["budget"]),
+                      train=dict(spec.train), data={k: v for k, v in spec.data.items()},
+                      seed=spec.seed + int(config.get("seed_offset", 0)),
+                      device="cuda" if use_gpu else "cpu", report=report, restored=restored)
+    result = get_task(proposal.task)(ctx)
+    tune.report({
+        "final": True, "status": result.status, "val_acc": float(result.val_acc),
+        "candidate": result.candidate.to_json() if result.candidate else "",
+        "metrics_json": json.dumps(result.metrics, default=float),
+        "error": result.error or "", "node": ray.util.get_node_ip_address(),
+        "task_wall_seconds": time.perf_counter() - start,
+    })
+
+
+def result_from_report(report: dict | None, error: bool, message: str = "") -> Result:
+    if error or not report or not report.get("final"):
+        return Result("failed", error=message or "trial raised (see the Ray trial log)")
+    cand = Candidate.from_json(report["candidate"]) if report.get("candidate") else None
+    acc = float(report["val_acc"])
+    status = report["status"] if math.isfinite(acc) or report["status"] != "ok" else "diverged"
+    return Result(status, acc, cand, json.loads(report["metrics_json"]),
+                  report.get("error") or None)
+
+
+# ----- the searcher adapter -------------------------------------------------------------
+class StateFile:
+    """``<out>/state.json``: strategy state, trials in flight, counters. Written atomically."""
+
+    def __init__(self, out: Path):
+        self.path = out / STATE_FILE
+
+    def load(self) -> dict | None:
+        if not self.path.exists():
+            return None
+        try:
+            return json.loads(self.path.read_text())
+        except json.JSONDecodeError:
+            raise QSearchError(f"{self.path} is corrupted; the experiment cannot resume "
+                               "(start a new one with another --out)") from None
+
+    def save(self, state: dict) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, self.path)
+
+
+def _searcher_class():
+    from ray.tune.search import Searcher
+
+    class StrategySearcher(Searcher):
+        """suggest -> Strategy.ask, on_trial_complete -> Strategy.tell; state in JSON."""
+
+        def __init__(self, runner: Runner):
+            super().__init__(metric="val_acc", mode="max")
+            self.runner = runner
+
+        def suggest(self, trial_id: str):
+            return self.runner.suggest(trial_id)
+
+        def on_trial_complete(self, trial_id: str, result=None, error: bool = False):
+            self.runner.complete(trial_id, result, error)
+
+        def save(self, checkpoint_path: str) -> None:  # our state lives in state.json
+            pass
+
+        def restore(self, checkpoint_path: str) -> None:
+            pass
+
+    return StrategySearcher
+
+
+def _callback_class():
+    from ray import tune
+
+    class Progress(tune.Callback):
+        """Store rows and a live progress line, from the driver."""
+
+        def __init__(self, runner: Runner):
+            self.runner = runner
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.runner.started[trial.trial_id] = time.time()
+            self.runner.progress()
+
+        def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+            self.runner.checkpoints[trial.trial_id] = checkpoint.path
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.runner.record(trial.trial_id, None, error=True,
+                               message=_error_text(trial))
+
+    return Progress
+
+
+def _error_text(trial) -> str:
+    path = getattr(trial, "error_file", None) or ""
+    with contextlib.suppress(OSError):
+        lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
+        return lines[-1][:500] if lines else "trial raised"
+    return "trial raised"
+
+
+class Runner:
+    """Drives one experiment directory: spec, strategy, searcher, store, progress."""
+
+    def __init__(self, spec: Spec, out: Path, *, stage: str = "search",
+                 state: dict | None = None, quiet: bool = False):
+        self.spec, self.out, self.stage, self.quiet = spec, out, stage, quiet
+        self.space = space_from_spec(spec)
+        self.budgets = plan_budgets(spec, self.space)
+        self.strategy = create_strategy(spec.strategy, self.space, self.budgets.search,
+                                        seed=spec.seed, **spec.strategy_kwargs)
+        self.store = ResultsStore(out)
+        self.state_file = StateFile(out)
+        self.live: dict[str, dict] = {}  # trial id -> {"index", "proposal", "origin"}
+        self.replay: list[tuple[str, dict]] = []  # trials to run again after a resume
+        self.checkpoints: dict[str, str] = {}
+        self.started: dict[str, float] = {}
+        self.next_index = 0
+        self.t0 = time.time()
+        self.experiment_id = spec.name or out.name
+        if state:
+            self.strategy.load_state_dict(state["strategy"])
+            self.next_index = state["next_index"]
+            self.replay = sorted(state["live"].items(), key=lambda kv: kv[1]["index"])
+            self.checkpoints = state.get("checkpoints", {})
+
+    # Searcher side
+    def suggest(self, trial_id: str):
+        if self.replay:
+            origin, entry = self.replay.pop(0)
+            self.live[trial_id] = {**entry, "origin": origin}
+            return self._config(entry, resume_from=self.checkpoints.get(origin))
+        proposal = self.strategy.ask(trial_id)
+        if proposal is None:
+            return None
+        if proposal == FINISHED:
+            from ray.tune.search import Searcher
+
+            return Searcher.FINISHED
+        entry = {"index": self.next_index, "proposal": proposal.to_dict(), "origin": trial_id}
+        self.next_index += 1
+        self.live[trial_id] = entry
+        self.save_state()
+        return self._config(entry)
+
+    def _config(self, entry: dict, resume_from: str | None = None) -> dict:
+        return {"spec": self.spec.to_dict(), "proposal": entry["proposal"],
+                "budget": _budget_text(self.budgets.search), "resume_from": resume_from,
+                "seed_offset": entry["proposal"]["params"].get("seed_offset", 0)}
+
+    def complete(self, trial_id: str, report: dict | None, error: bool) -> None:
+        self.record(trial_id, report, error)
+
+    def record(self, trial_id: str, report: dict | None, *, error: bool,
+               message: str = "") -> None:
+        entry = self.live.pop(trial_id, None)
+        if entry is None:  # already recorded (on_trial_error, then on_trial_complete)
+            return
+        result = result_from_report(report, error, message)
+        self.strategy.tell(entry["origin"], result)
+        wall = time.time() - self.started.get(trial_id, time.time())
+        self.store.append(self._row(entry, result, report or {}, wall))
+        self.save_state()
+        self.progress(result)
+
+    def _row(self, entry: dict, result: Result, report: dict, wall: float) -> dict:
+        cand, m = result.candidate, result.metrics
+        return {
+            "experiment_id": self.experiment_id, "trial_id": entry["origin"],
+            "trial_index": entry["index"], "stage": self.stage,
+            "strategy": self.spec.strategy, "task": entry["proposal"]["task"],
+            "model": self.spec.model, "dataset": self.spec.dataset,
+            "budget": self.spec.budget, "budget_kind": self.budgets.target.kind,
+            "budget_value": self.budgets.target.value,
+            "proxy_budget": _budget_text(self.budgets.search),
+            "candidate": cand.to_json() if cand else None,
+            "width": cand.width if cand else None,
+            "c_size": self.space.c_size(cand) if cand else None,
+            "bitops": self.space.bitops(cand) if cand else None,
+            "budget_ratio": (self.space.cost(cand, self.budgets.search.kind)
+                             / self.budgets.search.value) if cand else None,
+            "val_acc": result.val_acc, "test_acc": m.get("test_acc"),
+            "train_seconds": m.get("train_seconds"), "wall_seconds": wall,
+            "node": report.get("node"), "status": result.status, "error": result.error,
+            "seed": self.spec.seed, "spec_hash": self.spec.hash(), "metrics": m,
+            "finished_at": time.time(),
+        }
+
+    def save_state(self) -> None:
+        self.state_file.save({
+            "strategy": self.strategy.state_dict(), "next_index": self.next_index,
+            "live": {e["origin"]: {"index": e["index"], "proposal": e["proposal"]}
+                     for e in list(self.live.values())}
+            | {origin: e for origin, e in self.replay},
+            "checkpoints": self.checkpoints})
+
+    # display
+    def rows(self) -> list[dict]:
+        return [r for r in self.store.rows if r["stage"] == self.stage]
+
+    def best(self) -> dict | None:
+        ok = [r for r in self.rows() if r["status"] == "ok" and r["candidate"]
+              and r["val_acc"] is not None and math.isfinite(r["val_acc"])]
+        return max(ok, key=lambda r: r["val_acc"]) if ok else None
+
+    def progress(self, result: Result | None = None) -> None:
+        if self.quiet:
+            return
+        rows = self.rows()
+        failed = sum(r["status"] != "ok" for r in rows)
+        best = self.best()
+        best_txt = (f"best val {best['val_acc']:.2%} at {format_cost(best['c_size'], 'size')}"
+                    if best else "best val -")
+        elapsed = time.time() - self.t0
+        print(f"[{time.strftime('%H:%M:%S')}] trials done {len(rows) - failed}, running "
+              f"{len(self.live)}, failed {failed} | {best_txt} | elapsed "
+              f"{int(elapsed // 60)}m{int(elapsed % 60):02d}s", flush=True)
+
+
+def _budget_text(b: Budget) -> str:
+    return f"{b.value!r}{'bits' if b.kind == 'size' else 'bitops'}"
+
+
+# ----- driving an experiment ------------------------------------------------------------
+@contextlib.contextmanager
+def _lock(out: Path):
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / LOCK_FILE, os.O_CREAT | os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise QSearchError(f"another qsearch process is running in {out}: wait for it, or "
+                           "use another --out") from None
+    try:
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _check_out(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".probe-{uuid.uuid4().hex}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise QSearchError(f"output directory {str(out)!r} is not writable ({e.strerror}): "
+                           "choose another --out") from None
+
+
+def init_ray(address: str | None, out: Path) -> None:
+    """Embedded local Ray (its logs under ``<out>/ray``) or join a cluster at ``address``."""
+    import logging
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("SB3_LOGDIR", str(out / "sb3"))
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs = dict(logging_level=logging.ERROR, log_to_driver=False,
+                  include_dashboard=False, configure_logging=True)
+    if address:
+        _check_reachable(address)
+        ray.init(address=address, **kwargs)
+    else:
+        tmp = Path(tempfile.gettempdir()) / f"qsearch-ray-{os.getuid()}"
+        ray.init(_temp_dir=str(tmp), **kwargs)
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or address, int(port or 6379)), timeout=timeout):
+            pass
+    except (OSError, ValueError) as e:
+        raise QSearchError(f"Ray cluster at --address {address!r} is unreachable ({e}): start "
+                           "it with `ray start --head`, or omit --address for local Ray") from None
+
+
+def _fit(runner: Runner, num_samples: int, run_name: str) -> None:
+    from ray import tune
+
+    spec = runner.spec
+    resources = {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial}
+    concurrency = spec.concurrency or _default_concurrency(spec)
+    tuner = tune.Tuner(
+        tune.with_resources(trial_fn, resources),
+        tune_config=tune.TuneConfig(
+            search_alg=_searcher_class()(runner), num_samples=num_samples,
+            max_concurrent_trials=concurrency, reuse_actors=True),
+        run_config=tune.RunConfig(
+            name=run_name, storage_path=str((runner.out / "tune").resolve()), verbose=0,
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            callbacks=[_callback_class()(runner)]),
+    )
+    with _quiet_stderr(runner.out / "ray-driver.log"):
+        tuner.fit()
+
+
+def _default_concurrency(spec: Spec) -> int:
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 1)
+    return max(1, int(cpus // spec.cpus_per_trial))
+
+
+@contextlib.contextmanager
+def _quiet_stderr(path: Path):
+    """Send Ray's own driver-side noise to a log file; our progress goes to stdout."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "a") as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def run_experiment(spec: Spec) -> Runner:
+    out = Path(spec.out or f"runs/{spec.strategy}-{time.strftime('%Y%m%d-%H%M%S')}")
+    _check_out(out)
+    if (out / SPEC_FILE).exists():
+        raise QSearchError(f"{out} already holds an experiment: `qsearch resume {out}` to "
+                           "continue it, or choose another --out")
+    with _lock(out):
+        runner = Runner(spec, out)  # validates everything before anything is written
+        (out / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=2))
+        runner.save_state()
+        return _drive(runner, resumed=False)
+
+
+def resume_experiment(out: Path) -> Runner:
+    out = Path(out)
+    spec_path = out / SPEC_FILE
+    if not spec_path.exists():
+        raise QSearchError(f"{str(out)!r} is not a qsearch experiment (no {SPEC_FILE}): give "
+                           "the --out directory of a `qsearch run`")
+    try:
+        spec = Spec.from_dict(json.loads(spec_path.read_text()), source=str(spec_path))
+    except json.JSONDecodeError:
+        raise QSearchError(f"{spec_path} is corrupted: the experiment cannot resume") from None
+    with _lock(out):
+        state = StateFile(out).load()
+        runner = Runner(spec, out, state=state)
+        return _drive(runner, resumed=True)
+
+
+def _drive(runner: Runner, *, resumed: bool) -> Runner:
+    spec, b = runner.spec, runner.budgets
+    say = print
+    say(f"qsearch: {spec.strategy} on {spec.model}/{spec.dataset}, budget {b.target}"
+        f" ({spec.trials} trials max, output {runner.out})")
+    if b.reason:
+        say(f"proxy: searching at {b.search} because {b.reason}; the winner is re-aligned "
+            f"to {b.target}")
+    init_ray(spec.address, runner.out)
+    done = len(runner.rows())
+    remaining = spec.trials - done
+    if resumed:
+        say(f"resume: {done} trials already stored, {len(runner.replay)} to run again, "
+            f"strategy state restored")
+    if remaining > 0:
+        previous = len(list((runner.out / "tune").glob("*"))) if resumed else 0
+        _fit(runner, remaining, f"{runner.stage}-{previous}")
+    summarize(runner)
+    return runner
+
+
+def final_candidate(runner: Runner) -> tuple[dict, Candidate, float] | None:
+    """The best trial, and its bits re-aligned to the target budget."""
+    best = runner.best()
+    if best is None:
+        return None
+    cand = Candidate.from_json(best["candidate"])
+    aligned = runner.space.align(cand, runner.budgets.target)
+    return best, aligned.candidate, aligned.cost
+
+
+def summarize(runner: Runner) -> None:
+    b = runner.budgets
+    summary = runner.strategy.summary()
+    (runner.out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    found = final_candidate(runner)
+    rows = runner.rows()
+    print(f"done: {len(rows)} trials ({sum(r['status'] != 'ok' for r in rows)} failed) in "
+          f"{time.time() - runner.t0:.0f}s; results in {runner.out / 'results.parquet'}")
+    if found is None:
+        print("no trial succeeded: see the errors with `qsearch results "
+              f"{runner.out}`")
+        return
+    best, cand, cost = found
+    space = runner.space
+    print(f"best: {best['strategy']} trial {best['trial_index']} val acc "
+          f"{best['val_acc']:.2%} at {format_cost(best['c_size'], 'size')} "
+          f"(width {best['width']:.4g}, search budget {b.search})")
+    if b.reason:
+        print(f"final candidate at target {b.target}: width {cand.width:.4g}, "
+              f"C_size {format_cost(space.c_size(cand), 'size')} "
+              f"({cost / b.target.value:.2%} of the budget), "
+              f"BitOPs {format_cost(space.bitops(cand), 'bitops')}")
+    print(f"bits per layer: {bit_summary(space, cand)}")
+    (runner.out / "final.json").write_text(json.dumps({
+        "candidate": cand.to_dict(), "c_size": space.c_size(cand),
+        "bitops": space.bitops(cand), "target": str(b.target), "search_budget": str(b.search),
+        "budget_ratio": cost / b.target.value, "search_val_acc": best["val_acc"],
+        "trial_id": best["trial_id"]}, indent=2))
+
+
+def bit_summary(space: SearchSpace, cand: Candidate) -> str:
+    """Compact bits: per group when uniform within groups, else the free layers' list."""
+    per_group = {g: {cand.w_bits[i] for i in idx} for g, idx in space.groups.items()}
+    if all(len(v) == 1 for v in per_group.values()):
+        return " / ".join(f"{'dw' if g == 'depthwise' else g} {v.pop()}"
+                          for g, v in per_group.items())
+    return " ".join(str(cand.w_bits[i]) for i in space.free_layers)

@@ -1,0 +1,104 @@
+"""Model families with a width multiplier.
+
+A family is two pure functions registered under one name:
+
+- ``plan(width, *, fixed_first, fixed_last) -> dict[str, Ch]``: every channel count of
+  the network at that width, computed with the family's rounding rule.
+- ``build(plan, *, in_channels, num_classes) -> nn.Module``: the network for a plan.
+
+Every channel count a builder hands to ``nn.Conv2d``/``nn.Linear`` comes from the plan as a
+:class:`Ch`, an ``int`` that remembers its plan key. Torch stores the value as given, so one
+trace of the built model tells which plan entry feeds each layer's Cin, Cout and groups.
+The cost model then evaluates any width from ``plan(width)`` alone, in microseconds,
+without building a model (see :mod:`qsearch.space`).
+
+Channel rounding rule, stated once: CIFAR-style families use ``round_channels``
+(nearest integer, at least 1); MobileNets use ``make_divisible`` (multiples of 8, never
+more than 10% below the exact value), as torchvision does.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+
+class Ch(int):
+    """A channel count that remembers which plan entry it came from."""
+
+    key: str
+
+    def __new__(cls, value: int, key: str) -> Ch:
+        obj = super().__new__(cls, value)
+        obj.key = key
+        return obj
+
+    def __reduce__(self):
+        return (Ch, (int(self), self.key))
+
+
+def round_channels(value: float) -> int:
+    """CIFAR families: nearest integer, at least one channel."""
+    return max(1, int(round(value)))
+
+
+def make_divisible(value: float, divisor: int = 8) -> int:
+    """MobileNet rule (torchvision ``_make_divisible``): a multiple of ``divisor``."""
+    new = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    if new < 0.9 * value:
+        new += divisor
+    return new
+
+
+def scaled_plan(
+    base: dict[str, int],
+    width: float,
+    rule: Callable[[float], int],
+    fixed: set[str] = frozenset(),
+) -> dict[str, Ch]:
+    """Scale every base channel count by ``width`` except the ``fixed`` keys."""
+    return {k: Ch(v if k in fixed else rule(v * width), k) for k, v in base.items()}
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    plan: Callable[..., dict[str, Ch]]
+    build: Callable[..., nn.Module]
+    description: str
+    image_size: int  # input resolution the family is designed for (informational)
+
+
+_FAMILIES: dict[str, Family] = {}
+_MODULES = ("qsearch.spaces.cifar", "qsearch.spaces.imagenet")
+
+
+def register_family(
+    name: str, *, plan: Callable, build: Callable, description: str, image_size: int = 32
+) -> None:
+    if name in _FAMILIES:
+        raise ValueError(f"model family {name!r} is registered twice")
+    _FAMILIES[name] = Family(name, plan, build, description, image_size)
+
+
+def _load_all() -> None:
+    for mod in _MODULES:
+        importlib.import_module(mod)
+
+
+def list_families() -> list[str]:
+    _load_all()
+    return sorted(_FAMILIES)
+
+
+def get_family(name: str) -> Family:
+    _load_all()
+    try:
+        return _FAMILIES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown model {name!r}: choose one of {', '.join(sorted(_FAMILIES))}"
+        ) from None

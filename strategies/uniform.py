@@ -1,0 +1,27 @@
+"""Uniform baseline (One-Bitwidth paper, Sec. 4.2): one bit-width for every free layer.
+
+Each bit-width in the set is width-aligned to the budget, so the proposals compare
+precisions at matched size; first and last layers keep the space's pinned bits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from qsearch.budget import Budget
+from qsearch.space import SearchSpace
+from qsearch.strategy import GridStrategy, Proposal, register_strategy
+
+
+@register_strategy("uniform")
+class Uniform(GridStrategy):
+    def __init__(self, space: SearchSpace, budget: Budget, *, seed: int = 0,
+                 bits: Sequence[int] | None = None):
+        super().__init__(space, budget, seed=seed)
+        self.cells = [int(b) for b in (bits or space.bit_choices)]
+
+    def propose(self, bits: int) -> Proposal:
+        return Proposal(self.align(bits), params={"bits": bits})
+
+    def summary(self) -> dict:
+        return {"accuracy_by_bits": {str(b): acc for b, acc in self.results()}}
