@@ -96,7 +96,7 @@ def trace_layers(family: Family, plan: dict, *, in_channels: int, num_classes: i
     import torch.nn as nn
 
     with torch.device("meta"):
-        model = family.build(plan, in_channels=in_channels, num_classes=num_classes)
+        model = family.build(plan, in_channels=in_channels, num_classes=num_classes).eval()
     seen: dict[str, tuple] = {}
     hooks = []
     for name, mod in model.named_modules():

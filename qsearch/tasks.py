@@ -40,7 +40,8 @@ class TaskContext:
     def train_config(self, **overrides):
         from qsearch.train import TrainConfig
 
-        return TrainConfig(**{**self.train, "seed": self.seed, **overrides})
+        return TrainConfig.recipe(self.space.dataset,
+                                  **{**self.train, "seed": self.seed, **overrides})
 
     def splits(self):
         """The dataset splits, loaded once per worker process (device-resident when small)."""

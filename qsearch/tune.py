@@ -91,6 +91,24 @@ def plan_budgets(spec: Spec, space: SearchSpace) -> Budgets:
     return Budgets(target, proxy, "set by --proxy-budget")
 
 
+DATA_KEYS = ("root", "val_fraction", "train_fraction")
+
+
+def validate_run_settings(spec: Spec) -> None:
+    """Training and data settings are checked on the driver, before anything is written."""
+    from qsearch.train import TrainConfig
+
+    TrainConfig.from_dict({**spec.train, "seed": spec.seed})
+    unknown = sorted(set(spec.data) - set(DATA_KEYS))
+    if unknown:
+        raise QSearchError(f"unknown data settings {unknown}: valid ones are "
+                           f"{', '.join(DATA_KEYS)}")
+    if spec.dataset in ("fashion-mnist", "cifar10", "cifar100"):
+        from qsearch.data import load_dataset
+
+        load_dataset(spec.dataset, root=spec.data.get("root"), val_fraction=0.1)
+
+
 # ----- the trainable --------------------------------------------------------------------
 def _save_state(state: dict, directory: str) -> None:
     import torch
@@ -246,6 +264,7 @@ class Runner:
                  state: dict | None = None, quiet: bool = False):
         self.spec, self.out, self.stage, self.quiet = spec, out, stage, quiet
         self.space = space_from_spec(spec)
+        validate_run_settings(spec)
         self.budgets = plan_budgets(spec, self.space)
         self.strategy = create_strategy(spec.strategy, self.space, self.budgets.search,
                                         seed=spec.seed, **spec.strategy_kwargs)
@@ -289,7 +308,7 @@ class Runner:
                 "seed_offset": entry["proposal"]["params"].get("seed_offset", 0)}
 
     def complete(self, trial_id: str, report: dict | None, error: bool) -> None:
-        self.record(trial_id, report, error)
+        self.record(trial_id, report, error=error)
 
     def record(self, trial_id: str, report: dict | None, *, error: bool,
                message: str = "") -> None:
@@ -380,24 +399,23 @@ def _lock(out: Path):
 
 
 def _check_out(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".probe-{uuid.uuid4().hex}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise QSearchError(f"output directory {str(out)!r} is not writable ({e.strerror}): "
-                           "choose another --out") from None
+    """The output directory can be created and written (checked without creating it)."""
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise QSearchError(f"output directory {str(out)!r} is not writable ({parent} is "
+                           "not a writable directory): choose another --out")
 
 
 def init_ray(address: str | None, out: Path) -> None:
-    """Embedded local Ray (its logs under ``<out>/ray``) or join a cluster at ``address``."""
+    """Embedded local Ray (session files in the system temp dir) or a cluster at ``address``."""
     import logging
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    os.environ.setdefault("SB3_LOGDIR", str(out / "sb3"))
+    os.environ.setdefault("SB3_LOGDIR", str(out.resolve() / "sb3"))
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     import ray
 
@@ -474,8 +492,12 @@ def run_experiment(spec: Spec) -> Runner:
     if (out / SPEC_FILE).exists():
         raise QSearchError(f"{out} already holds an experiment: `qsearch resume {out}` to "
                            "continue it, or choose another --out")
+    runner = Runner(spec, out)  # validates everything before anything is written
+    init_ray(spec.address, out)
     with _lock(out):
-        runner = Runner(spec, out)  # validates everything before anything is written
+        if (out / SPEC_FILE).exists():
+            raise QSearchError(f"{out} was just claimed by another qsearch run: choose "
+                               "another --out")
         (out / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=2))
         runner.save_state()
         return _drive(runner, resumed=False)
@@ -494,6 +516,7 @@ def resume_experiment(out: Path) -> Runner:
     with _lock(out):
         state = StateFile(out).load()
         runner = Runner(spec, out, state=state)
+        init_ray(spec.address, out)
         return _drive(runner, resumed=True)
 
 
@@ -505,7 +528,6 @@ def _drive(runner: Runner, *, resumed: bool) -> Runner:
     if b.reason:
         say(f"proxy: searching at {b.search} because {b.reason}; the winner is re-aligned "
             f"to {b.target}")
-    init_ray(spec.address, runner.out)
     done = len(runner.rows())
     remaining = spec.trials - done
     if resumed:

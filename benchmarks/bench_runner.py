@@ -1,0 +1,49 @@
+"""Runner overhead and concurrency on this machine (real local Ray, Fashion-MNIST).
+
+1. Per-trial overhead: the driver-measured trial wall time (trial start -> result) minus
+   the trainer's own training time, median over the trials (target <= 1 s).
+2. Speed-up of 2 concurrent 1-CPU trials over 1: the same 8 random-search trials run with
+   --concurrency 1 and 2; ratio of the search's wall time (target >= 1.8x on 2 cores).
+
+    python benchmarks/bench_runner.py [--trials 8] [--steps 60]
+"""
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+
+def run(concurrency: int, trials: int, steps: int, out: Path) -> float:
+    cmd = [sys.executable, "-m", "qsearch.cli", "run", "--strategy", "random", "--budget",
+           "16KB", "--trials", str(trials), "--steps", str(steps), "--concurrency",
+           str(concurrency), "--cpus-per-trial", "1", "--seed", "1", "--out", str(out)]
+    t = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    total = time.perf_counter() - t
+    m = re.search(r"done: \d+ trials .* in (\d+)s", r.stdout)
+    print(f"  concurrency {concurrency}: process {total:.1f}s, search {m.group(1)}s")
+    return float(m.group(1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--trials", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=60)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        walls = {c: run(c, args.trials, args.steps, Path(d) / f"c{c}") for c in (1, 2)}
+        df = pd.read_parquet(Path(d) / "c1" / "results.parquet")
+    overhead = (df.wall_seconds - df.train_seconds).median()
+    print(f"per-trial overhead (trial wall - train), concurrency 1: median {overhead:.2f}s "
+          f"(train median {df.train_seconds.median():.2f}s)")
+    print(f"speed-up of 2 concurrent 1-CPU trials over 1: {walls[1] / walls[2]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

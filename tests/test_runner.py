@@ -1,0 +1,102 @@
+"""The Ray Tune runner end to end: a real local Ray, the CLI in a subprocess, the store.
+
+Runs on the tiny synthetic dataset so each trial trains in about a second.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+QS = [sys.executable, "-m", "qsearch.cli"]
+TINY = ["--model", "resnet20", "--dataset", "synthetic", "--steps", "20", "--batch-size", "32"]
+
+
+def qsearch(*args, timeout=300, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([*QS, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def rows(out: Path) -> pd.DataFrame:
+    return pd.read_parquet(out / "results.parquet")
+
+
+def test_search_end_to_end(tmp_path):
+    out = tmp_path / "uni"
+    r = qsearch("run", "--strategy", "uniform", "--budget", "6KB", *TINY, "--trials", "4",
+                "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    df = rows(out)
+    assert len(df) == 4 and set(df.status) == {"ok"}
+    assert df.trial_id.is_unique and sorted(df.trial_index) == [0, 1, 2, 3]
+    assert (df.c_size <= 6e3 * 8).all() and (df.budget_ratio >= 0.9).all()
+    assert df.val_acc.between(0, 1).all() and (df.train_seconds > 0).all()
+    bits = sorted(json.loads(c)["w_bits"][1] for c in df.candidate)
+    assert bits == [1, 2, 4, 8]  # one width-aligned trial per uniform bit-width
+    final = json.loads((out / "final.json").read_text())
+    assert final["budget_ratio"] <= 1.0
+    assert "best:" in r.stdout and "trials done 4" in r.stdout
+    assert "Traceback" not in r.stdout + r.stderr
+    shown = qsearch("results", str(out))
+    assert shown.returncode == 0 and shown.stdout.count("\n") == 5
+
+
+def test_proxy_budget_rescales_the_winner(tmp_path):
+    out = tmp_path / "proxy"
+    r = qsearch("run", "--strategy", "random", "--budget", "12MB", *TINY, "--trials", "2",
+                "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "proxy: searching at" in r.stdout and "final candidate at target 12MB" in r.stdout
+    df = rows(out)
+    assert (df.c_size < 12e6 * 8 / 10).all()  # trials ran at the proxy size
+    final = json.loads((out / "final.json").read_text())
+    assert 0.99 <= final["budget_ratio"] <= 1.0
+    assert final["c_size"] <= 12e6 * 8
+
+
+def test_second_run_in_same_directory_is_refused(tmp_path):
+    out = tmp_path / "twice"
+    assert qsearch("run", "--strategy", "uniform", "--budget", "6KB", *TINY, "--trials", "1",
+                   "--out", str(out)).returncode == 0
+    r = qsearch("run", "--strategy", "uniform", "--budget", "6KB", *TINY, "--out", str(out))
+    assert r.returncode == 2 and "qsearch resume" in r.stderr
+    assert len(rows(out)) == 1
+
+
+def test_resume_after_driver_killed(tmp_path):
+    out = tmp_path / "resume"
+    cmd = [*QS, "run", "--strategy", "uniform", "--budget", "6KB", *TINY[:-4],
+           "--steps", "150", "--batch-size", "32", "--bit-choices", "1,2,3,4,5,6,7,8",
+           "--trials", "8", "--concurrency", "1", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if (out / "results.parquet").exists() and len(rows(out)) >= 2:
+            break
+        time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("no trial completed in time")
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
+    proc.wait()
+    before = rows(out)
+    assert 2 <= len(before) < 8
+    state = json.loads((out / "state.json").read_text())
+    assert len(state["strategy"]["done"]) == len(before)
+
+    r = qsearch("resume", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "strategy state restored" in r.stdout
+    after = rows(out)
+    assert len(after) == 8 and after.trial_id.is_unique
+    kept = after.set_index("trial_id").loc[before.trial_id]
+    assert list(kept.val_acc) == list(before.val_acc)  # completed trials untouched
+    bits = sorted(json.loads(c)["w_bits"][1] for c in after.candidate)
+    assert bits == [1, 2, 3, 4, 5, 6, 7, 8]  # no cell re-run: the grid position was restored
