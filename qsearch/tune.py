@@ -24,7 +24,6 @@ import os
 import sys
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path

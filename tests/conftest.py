@@ -8,6 +8,7 @@ machine are left alone.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -52,32 +53,38 @@ class Cluster:
 
     def kill_node(self, ip: str) -> None:
         for pid in self.node_pids.get(ip, []):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
     def stop(self) -> None:
         for pid in pids_using(self.tmp):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
-def start_cluster(*, worker_cpus: int = 1, head_cpus: int = 1) -> Cluster:
+def start_cluster(**cpus: int) -> Cluster:
+    """Start head and worker (``head_cpus``/``worker_cpus``, 1 each by default)."""
     tmp = tempfile.mkdtemp(prefix="qsr", dir="/tmp")
     token = Path(tmp) / "token"
     token.write_text(secrets.token_hex(32))
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
            "RAY_USAGE_STATS_ENABLED": "0"}
+    try:
+        return _start(tmp, env, **cpus)
+    except BaseException:
+        Cluster("", env, tmp).stop()
+        raise
+
+
+def _start(tmp: str, env: dict[str, str], *, head_cpus: int = 1,
+           worker_cpus: int = 1) -> Cluster:
     port = free_port()
-    common = ["--include-dashboard=false", f"--temp-dir={tmp}",
+    common = [f"--temp-dir={tmp}",
               "--object-store-memory=200000000", f"--memory={2 * 1024**3}"]
     subprocess.run([RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.2",
-                    f"--num-cpus={head_cpus}", "--min-worker-port=21000",
-                    "--max-worker-port=21999", *common], env=env, check=True,
-                   capture_output=True, timeout=120)
+                    f"--num-cpus={head_cpus}", "--include-dashboard=false",
+                    "--min-worker-port=21000", "--max-worker-port=21999", *common],
+                   env=env, check=True, capture_output=True, timeout=120)
     head_pids = set(pids_using(tmp))
     subprocess.run([RAY, "start", f"--address=127.0.0.2:{port}",
                     "--node-ip-address=127.0.0.3", f"--num-cpus={worker_cpus}",
