@@ -73,16 +73,23 @@ _RUN_FLAGS = {  # CLI flag -> spec key (flags override the recipe)
     "proxy_budget": "proxy_budget", "trials": "trials", "seed": "seed",
     "cpus_per_trial": "cpus_per_trial", "gpus_per_trial": "gpus_per_trial",
     "concurrency": "concurrency", "address": "address", "out": "out", "a_bits": "a_bits",
-    "final_epochs": "final_epochs", "max_failures": "max_failures", "name": "name",
+    "final_seeds": "final_seeds", "max_failures": "max_failures", "name": "name",
     "width_min": "width_min", "width_max": "width_max",
 }
 
 
-def spec_from_args(args):
-    from qsearch.spec import Spec, load_yaml
+def specs_from_args(args):
+    """One spec per experiment: the recipe (expanded over its matrix) with flags on top."""
+    from qsearch.spec import Spec, expand_matrix, load_yaml
+    from qsearch.strategy import list_strategies
 
     base = load_yaml(args.recipe) if args.recipe else {}
-    spec = Spec.from_dict(base, source=args.recipe or "spec")
+    strategies = list_strategies() if base.get("matrix") else []
+    return [_apply_flags(Spec.from_dict(d, source=args.recipe or "spec"), args)
+            for d in expand_matrix(base, strategies)]
+
+
+def _apply_flags(spec, args):
     over = {key: getattr(args, flag) for flag, key in _RUN_FLAGS.items()
             if getattr(args, flag) is not None}
     if args.bit_choices:
@@ -104,15 +111,28 @@ def spec_from_args(args):
         if getattr(args, flag) is not None:
             data[key] = getattr(args, flag)
     over["data"] = data
+    if args.final_epochs is not None:
+        over["final_train"] = {**spec.final_train, "epochs": args.final_epochs}
     if args.strategy_arg:
         over["strategy_kwargs"] = {**spec.strategy_kwargs, **dict(args.strategy_arg)}
     return spec.replace(**over)
 
 
 def cmd_run(args) -> None:
-    from qsearch.tune import run_experiment
+    from qsearch.tune import SPEC_FILE, dry_run, resume_experiment, run_experiment
 
-    run_experiment(spec_from_args(args))
+    specs = specs_from_args(args)
+    if args.out and len(specs) > 1:
+        specs = [s.replace(out=str(Path(args.out) / Path(s.out).name)) for s in specs]
+    for i, spec in enumerate(specs):
+        if len(specs) > 1:
+            print(f"== experiment {i + 1}/{len(specs)}: {spec.out}")
+        if args.dry_run:
+            dry_run(spec)
+        elif len(specs) > 1 and (Path(spec.out) / SPEC_FILE).exists():
+            resume_experiment(Path(spec.out))  # a recipe re-run continues where it stopped
+        else:
+            run_experiment(spec)
 
 
 def cmd_resume(args) -> None:
@@ -138,7 +158,8 @@ def cmd_results(args) -> None:
     if not (d / FILENAME).exists():
         raise QSearchError(f"no {FILENAME} in {str(d)!r}: give the --out directory of a "
                            "`qsearch run`")
-    rows = sorted(ResultsStore(d).rows, key=lambda r: (r["stage"], r["trial_index"]))
+    rows = sorted(ResultsStore(d).rows,
+                  key=lambda r: (r["stage"] != "search", r["trial_index"]))
     if args.json:
         print(json.dumps(rows, indent=1, default=str))
         return
@@ -163,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a search (flags override the recipe)")
     run.add_argument("recipe", nargs="?", help="YAML recipe in experiments/")
+    run.add_argument("--dry-run", action="store_true", help="print the planned trials, "
+                     "budgets and candidate costs; train nothing")
     run.add_argument("--strategy", help="search strategy (see `qsearch strategies`)")
     run.add_argument("--budget", help="target budget: 12MB, 512KiB, 96Mbit, 20GBitOPs ...")
     run.add_argument("--proxy-budget", help="search at this budget, then re-align the winner "
@@ -190,7 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--address", help="join an existing Ray cluster (host:port)")
     run.add_argument("--out", help="experiment directory (default runs/<strategy>-<time>)")
     run.add_argument("--name", help="experiment id (default: the directory name)")
-    run.add_argument("--final-epochs", type=float, help=argparse.SUPPRESS)
+    run.add_argument("--final-seeds", type=int, help="retrain the final candidate at the "
+                     "target budget with this many seeds and report test accuracy")
+    run.add_argument("--final-epochs", type=float, help="epochs of that retrain (default 1)")
     run.set_defaults(fn=cmd_run)
 
     res = sub.add_parser("resume", help="continue an interrupted experiment")

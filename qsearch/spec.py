@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -46,7 +47,8 @@ class Spec:
     max_failures: int = 2
     address: str | None = None
     out: str | None = None
-    final_epochs: float | None = None  # train the final candidate at the target budget
+    final_seeds: int = 0  # retrain the final candidate at the target with this many seeds
+    final_train: dict[str, Any] = field(default_factory=lambda: {"epochs": 1.0})
     name: str | None = None
     version: int = SPEC_VERSION
 
@@ -65,6 +67,9 @@ class Spec:
         if self.version != SPEC_VERSION:
             raise QSearchError(f"spec version {self.version} not supported: this qsearch "
                                f"reads version {SPEC_VERSION}")
+        if self.final_seeds < 0:
+            raise QSearchError(f"final_seeds = {self.final_seeds}: must be 0 (no final "
+                               "retrain) or more, e.g. --final-seeds 3")
         if self.trials < 1:
             raise QSearchError(f"trials = {self.trials}: must be at least 1, e.g. --trials 8")
         if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
@@ -97,6 +102,40 @@ class Spec:
                 if k not in ("address", "out", "name", "concurrency", "cpus_per_trial",
                              "gpus_per_trial", "max_failures")}
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def expand_matrix(base: dict[str, Any], strategies: list[str]) -> list[dict[str, Any]]:
+    """A recipe's ``matrix`` becomes one spec dict per combination, each with its own
+    ``out`` below the recipe's ``out``. The matrix maps spec keys to lists of values (their
+    product is taken; ``strategy: all`` means every registered strategy), or is a list of
+    mappings, one per experiment."""
+    base = dict(base)
+    matrix = base.pop("matrix", None)
+    if matrix is None:
+        return [base]
+    usage = ("recipe key 'matrix' must map spec keys to lists, e.g. {strategy: all, budget: "
+             "[16KB, 48KB]}, or list one mapping per experiment")
+    if isinstance(matrix, list) and matrix and all(isinstance(m, dict) for m in matrix):
+        combos = [tuple(m.items()) for m in matrix]
+    elif isinstance(matrix, dict) and matrix:
+        axes = []
+        for key, values in matrix.items():
+            if key == "strategy" and values == "all":
+                values = strategies
+            if not isinstance(values, list) or not values:
+                raise QSearchError(f"matrix key {key!r} must be a non-empty list, got "
+                                   f"{values!r}")
+            axes.append([(key, v) for v in values])
+        combos = list(itertools.product(*axes))
+    else:
+        raise QSearchError(usage)
+    root = base.get("out") or "runs/recipe"
+    specs = []
+    for combo in combos:
+        d = {**base, **dict(combo)}
+        d["out"] = str(Path(root) / "-".join(str(v) for _, v in combo))
+        specs.append(d)
+    return specs
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -102,13 +102,18 @@ def cost_metrics(space: SearchSpace, candidate, budget: Budget) -> dict[str, flo
 
 @register_task("train")
 def train_task(ctx: TaskContext) -> Result:
-    """Quantization-aware training of the proposed candidate for the trial length."""
+    """Quantization-aware training of the proposed candidate for the trial length; with
+    ``params["test"]`` (the final retrain) also the accuracy on the test split."""
+    from qsearch.train import evaluate
+
     cand = ctx.proposal.candidate
     start = time.perf_counter()
-    _, res = train_candidate(ctx, cand)
+    model, res = train_candidate(ctx, cand)
     metrics = {**cost_metrics(ctx.space, cand, ctx.budget),
                "train_seconds": res.train_seconds, "steps": res.steps,
                "best_val_acc": res.best_val_acc, "task_seconds": time.perf_counter() - start}
+    if ctx.proposal.params.get("test") and res.status in ("ok", "stopped"):
+        metrics["test_acc"], metrics["test_loss"] = evaluate(model, ctx.splits().test)
     status = "ok" if res.status in ("ok", "stopped") else res.status
     return Result(status, res.val_acc, cand, metrics,
                   error=getattr(res, "reason", None) if status != "ok" else None)

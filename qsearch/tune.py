@@ -35,7 +35,14 @@ from qsearch.candidate import Candidate
 from qsearch.space import SearchSpace
 from qsearch.spec import Spec
 from qsearch.store import ResultsStore
-from qsearch.strategy import FINISHED, Proposal, Result, create_strategy
+from qsearch.strategy import (
+    FINISHED,
+    GridStrategy,
+    Proposal,
+    Result,
+    Strategy,
+    create_strategy,
+)
 
 PROXY_REFERENCE = (8, 0.5)  # auto proxy: the size of the 8-bit model at width 0.5
 STATE_FILE, SPEC_FILE, LOCK_FILE = "state.json", "spec.json", ".lock"
@@ -93,16 +100,17 @@ def plan_budgets(spec: Spec, space: SearchSpace) -> Budgets:
 DATA_KEYS = ("root", "val_fraction", "train_fraction")
 
 
-def validate_run_settings(spec: Spec) -> None:
+def validate_run_settings(spec: Spec, *, load_data: bool = True) -> None:
     """Training and data settings are checked on the driver, before anything is written."""
     from qsearch.train import TrainConfig
 
     TrainConfig.from_dict({**spec.train, "seed": spec.seed})
+    TrainConfig.from_dict({**spec.final_train, "seed": spec.seed})
     unknown = sorted(set(spec.data) - set(DATA_KEYS))
     if unknown:
         raise QSearchError(f"unknown data settings {unknown}: valid ones are "
                            f"{', '.join(DATA_KEYS)}")
-    if spec.dataset in ("fashion-mnist", "cifar10", "cifar100"):
+    if load_data and spec.dataset in ("fashion-mnist", "cifar10", "cifar100"):
         from qsearch.data import load_dataset
 
         load_dataset(spec.dataset, root=spec.data.get("root"), val_fraction=0.1)
@@ -155,7 +163,7 @@ def trial_fn(config: dict[str, Any]) -> None:
         return False
 
     ctx = TaskContext(space=space, proposal=proposal, budget=parse_budget(config["budget"]),
-                      train=dict(spec.train), data={k: v for k, v in spec.data.items()},
+                      train=dict(config.get("train") or spec.train), data=dict(spec.data),
                       seed=spec.seed + int(config.get("seed_offset", 0)),
                       device="cuda" if use_gpu else "cpu", report=report, restored=restored)
     result = get_task(proposal.task)(ctx)
@@ -182,8 +190,8 @@ def result_from_report(report: dict | None, error: bool, message: str = "") -> R
 class StateFile:
     """``<out>/state.json``: strategy state, trials in flight, counters. Written atomically."""
 
-    def __init__(self, out: Path):
-        self.path = out / STATE_FILE
+    def __init__(self, out: Path, stage: str = "search"):
+        self.path = out / (STATE_FILE if stage == "search" else f"state-{stage}.json")
 
     def load(self) -> dict | None:
         if not self.path.exists():
@@ -256,19 +264,46 @@ def _error_text(trial) -> str:
     return "trial raised"
 
 
+class FinalRetrain(GridStrategy):
+    """The final stage: the chosen candidate at the target budget, retrained once per seed
+    with the shared final recipe and evaluated on the test split."""
+
+    name = "final"
+
+    def __init__(self, space: SearchSpace, budget: Budget, *, candidate: Candidate,
+                 seeds: int, seed: int = 0):
+        super().__init__(space, budget, seed=seed)
+        self.candidate, self.cells = candidate, list(range(seeds))
+
+    def propose(self, offset: int) -> Proposal:
+        return Proposal(self.candidate, params={"seed_offset": offset, "test": True})
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "candidate": self.candidate.to_dict()}
+
+
 class Runner:
-    """Drives one experiment directory: spec, strategy, searcher, store, progress."""
+    """Drives one stage of an experiment directory: strategy, searcher, store, progress.
+
+    The search stage runs the spec's strategy at the search budget; the final stage runs
+    :class:`FinalRetrain` at the target budget with ``spec.final_train``.
+    """
 
     def __init__(self, spec: Spec, out: Path, *, stage: str = "search",
-                 state: dict | None = None, quiet: bool = False):
+                 strategy: Strategy | None = None, state: dict | None = None,
+                 quiet: bool = False):
         self.spec, self.out, self.stage, self.quiet = spec, out, stage, quiet
         self.space = space_from_spec(spec)
         validate_run_settings(spec)
         self.budgets = plan_budgets(spec, self.space)
-        self.strategy = create_strategy(spec.strategy, self.space, self.budgets.search,
-                                        seed=spec.seed, **spec.strategy_kwargs)
+        if stage == "final":
+            self.budgets = Budgets(self.budgets.target, self.budgets.target, None)
+        self.train = spec.final_train if stage == "final" else spec.train
+        self.strategy = strategy or create_strategy(
+            spec.strategy, self.space, self.budgets.search, seed=spec.seed,
+            **spec.strategy_kwargs)
         self.store = ResultsStore(out)
-        self.state_file = StateFile(out)
+        self.state_file = StateFile(out, stage)
         self.live: dict[str, dict] = {}  # trial id -> {"index", "proposal", "origin"}
         self.replay: list[tuple[str, dict]] = []  # trials to run again after a resume
         self.checkpoints: dict[str, str] = {}
@@ -303,7 +338,8 @@ class Runner:
 
     def _config(self, entry: dict, resume_from: str | None = None) -> dict:
         return {"spec": self.spec.to_dict(), "proposal": entry["proposal"],
-                "budget": _budget_text(self.budgets.search), "resume_from": resume_from,
+                "train": self.train, "budget": _budget_text(self.budgets.search),
+                "resume_from": resume_from,
                 "seed_offset": entry["proposal"]["params"].get("seed_offset", 0)}
 
     def complete(self, trial_id: str, report: dict | None, error: bool) -> None:
@@ -340,7 +376,8 @@ class Runner:
             "val_acc": result.val_acc, "test_acc": m.get("test_acc"),
             "train_seconds": m.get("train_seconds"), "wall_seconds": wall,
             "node": report.get("node"), "status": result.status, "error": result.error,
-            "seed": self.spec.seed, "spec_hash": self.spec.hash(), "metrics": m,
+            "seed": self.spec.seed + int(entry["proposal"]["params"].get("seed_offset", 0)),
+            "spec_hash": self.spec.hash(), "metrics": m,
             "finished_at": time.time(),
         }
 
@@ -533,10 +570,79 @@ def _drive(runner: Runner, *, resumed: bool) -> Runner:
         say(f"resume: {done} trials already stored, {len(runner.replay)} to run again, "
             f"strategy state restored")
     if remaining > 0:
-        previous = len(list((runner.out / "tune").glob("*"))) if resumed else 0
-        _fit(runner, remaining, f"{runner.stage}-{previous}")
+        _fit(runner, remaining, f"{runner.stage}-{_runs_so_far(runner.out)}")
     summarize(runner)
+    if spec.final_seeds:
+        run_final(runner)
     return runner
+
+
+def _runs_so_far(out: Path) -> int:
+    return len(list((out / "tune").glob("*"))) if (out / "tune").exists() else 0
+
+
+def run_final(search: Runner) -> Runner | None:
+    """Retrain the chosen candidate at the target budget with ``final_seeds`` seeds."""
+    spec, out = search.spec, search.out
+    state = StateFile(out, "final").load()
+    if state:
+        cand = Candidate.from_dict(state["strategy"]["candidate"])
+    else:
+        found = final_candidate(search)
+        if found is None:
+            return None
+        cand = found[1]
+    strategy = FinalRetrain(search.space, search.budgets.target, candidate=cand,
+                            seeds=spec.final_seeds, seed=spec.seed)
+    final = Runner(spec, out, stage="final", strategy=strategy, state=state)
+    final.save_state()
+    print(f"final: retraining the chosen candidate at {final.budgets.target} with "
+          f"{spec.final_seeds} seeds ({json.dumps(spec.final_train)})")
+    remaining = spec.final_seeds - len(final.rows())
+    if remaining > 0:
+        _fit(final, remaining, f"final-{_runs_so_far(out)}")
+    accs = [r["test_acc"] for r in final.rows() if r["status"] == "ok" and r["test_acc"]]
+    if accs:
+        import numpy as np
+
+        std = float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0
+        print(f"final: test accuracy {np.mean(accs):.2%} +- {std:.2%} (n={len(accs)})")
+        path = out / "final.json"
+        record = json.loads(path.read_text()) if path.exists() else {}
+        record.update(test_acc_mean=float(np.mean(accs)), test_acc_std=std, n=len(accs))
+        path.write_text(json.dumps(record, indent=2))
+    return final
+
+
+def dry_run(spec: Spec) -> None:
+    """Print the planned trials, budgets and the cost of each planned candidate; no Ray,
+    no training, nothing written. Adaptive strategies show their first proposals (made
+    before any result is known)."""
+    space = space_from_spec(spec)
+    validate_run_settings(spec, load_data=False)
+    b = plan_budgets(spec, space)
+    strategy = create_strategy(spec.strategy, space, b.search, seed=spec.seed,
+                               **spec.strategy_kwargs)
+    print(f"plan: {spec.strategy} on {spec.model}/{spec.dataset}, target {b.target}, search "
+          f"at {b.search}{' (proxy: ' + b.reason + ')' if b.reason else ''}, up to "
+          f"{spec.trials} trials of {json.dumps(spec.train)}")
+    for i in range(spec.trials):
+        p = strategy.ask(f"dry-{i}")
+        if p is None or p == FINISHED:
+            more = "then waits for results" if p is None else "then finished"
+            print(f"  ... {more}")
+            break
+        if p.candidate is None:
+            print(f"  {i:>3} task {p.task}: {json.dumps(p.params)[:80]}")
+            continue
+        c = p.candidate
+        print(f"  {i:>3} task {p.task}: bits {bit_summary(space, c)}, width {c.width:.4g}, "
+              f"C_size {format_cost(space.c_size(c), 'size')}, BitOPs "
+              f"{format_cost(space.bitops(c), 'bitops')}, "
+              f"{space.cost(c, b.search.kind) / b.search.value:.2%} of {b.search}")
+    if spec.final_seeds:
+        print(f"  final: best candidate re-aligned to {b.target}, retrained with "
+              f"{spec.final_seeds} seeds ({json.dumps(spec.final_train)}), test accuracy")
 
 
 def final_candidate(runner: Runner) -> tuple[dict, Candidate, float] | None:
@@ -580,9 +686,13 @@ def summarize(runner: Runner) -> None:
 
 
 def bit_summary(space: SearchSpace, cand: Candidate) -> str:
-    """Compact bits: per group when uniform within groups, else the free layers' list."""
+    """Compact bits: per group when uniform within groups ("dw 4 / other 1"), else the free
+    layers' bits in order, or a histogram ("1b:3 2b:10") when there are many layers."""
     per_group = {g: {cand.w_bits[i] for i in idx} for g, idx in space.groups.items()}
     if all(len(v) == 1 for v in per_group.values()):
         return " / ".join(f"{'dw' if g == 'depthwise' else g} {v.pop()}"
                           for g, v in per_group.items())
-    return " ".join(str(cand.w_bits[i]) for i in space.free_layers)
+    free = [cand.w_bits[i] for i in space.free_layers]
+    if len(free) > 24:
+        return " ".join(f"{b}b:{free.count(b)}" for b in sorted(set(free)))
+    return " ".join(map(str, free))
