@@ -27,8 +27,8 @@ def _bits_list(text: str) -> list[int]:
 def _kv(text: str) -> tuple[str, object]:
     key, sep, value = text.partition("=")
     if not sep or not key:
-        raise QSearchError(f"--strategy-arg {text!r} must look like key=value, e.g. "
-                           "--strategy-arg qems=[0.5,1,2]")
+        raise argparse.ArgumentTypeError(f"{text!r} must look like key=value, e.g. "
+                                         "--strategy-arg qems=[0.5,1,2]")
     import yaml
 
     return key, yaml.safe_load(value)
@@ -122,6 +122,7 @@ def cmd_run(args) -> None:
     from qsearch.tune import SPEC_FILE, dry_run, resume_experiment, run_experiment
 
     specs = specs_from_args(args)
+    failed = []
     if args.out and len(specs) > 1:
         specs = [s.replace(out=str(Path(args.out) / Path(s.out).name)) for s in specs]
     for i, spec in enumerate(specs):
@@ -130,15 +131,22 @@ def cmd_run(args) -> None:
         if args.dry_run:
             dry_run(spec)
         elif len(specs) > 1 and (Path(spec.out) / SPEC_FILE).exists():
-            resume_experiment(Path(spec.out))  # a recipe re-run continues where it stopped
+            runner = resume_experiment(Path(spec.out))  # a recipe re-run continues
         else:
-            run_experiment(spec)
+            runner = run_experiment(spec)
+        if not args.dry_run and runner.best() is None:
+            failed.append(str(runner.out))
+    if failed:
+        raise SystemExit(f"qsearch: no trial succeeded in {', '.join(failed)}: see "
+                         "`qsearch results DIR` for the errors")
 
 
 def cmd_resume(args) -> None:
     from qsearch.tune import resume_experiment
 
-    resume_experiment(Path(args.dir))
+    if resume_experiment(Path(args.dir)).best() is None:
+        raise SystemExit(f"qsearch: no trial succeeded in {args.dir}: see `qsearch results "
+                         f"{args.dir}` for the errors")
 
 
 def cmd_strategies(args) -> None:

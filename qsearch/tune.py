@@ -110,10 +110,10 @@ def validate_run_settings(spec: Spec, *, load_data: bool = True) -> None:
     if unknown:
         raise QSearchError(f"unknown data settings {unknown}: valid ones are "
                            f"{', '.join(DATA_KEYS)}")
-    if load_data and spec.dataset in ("fashion-mnist", "cifar10", "cifar100"):
+    if load_data and spec.dataset in ("fashion-mnist", "cifar10", "cifar100", "synthetic"):
         from qsearch.data import load_dataset
 
-        load_dataset(spec.dataset, root=spec.data.get("root"), val_fraction=0.1)
+        load_dataset(spec.dataset, **spec.data)
 
 
 # ----- the trainable --------------------------------------------------------------------

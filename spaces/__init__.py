@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
+from qsearch import QSearchError
+
 
 class Ch(int):
     """A channel count that remembers which plan entry it came from."""
@@ -99,6 +101,6 @@ def get_family(name: str) -> Family:
     try:
         return _FAMILIES[name]
     except KeyError:
-        raise ValueError(
+        raise QSearchError(
             f"unknown model {name!r}: choose one of {', '.join(sorted(_FAMILIES))}"
         ) from None
