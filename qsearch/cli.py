@@ -184,6 +184,18 @@ def cmd_results(args) -> None:
               f"{r['wall_seconds'] or 0:>7.1f} {r['error'] or r['node'] or ''}")
 
 
+def cmd_leaderboard(args) -> None:
+    from qsearch.leaderboard import format_leaderboard, leaderboard, load_experiments
+
+    print(format_leaderboard(leaderboard(load_experiments(args.dirs)), args.format))
+
+
+def cmd_report(args) -> None:
+    from qsearch.report import build_report
+
+    print(f"report written to {build_report(args.dirs, Path(args.output))}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="qsearch", description="Find the most accurate quantized CNN that fits "
                 "a model-size or BitOPs budget.")
@@ -237,6 +249,16 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("dir")
     rs.add_argument("--json", action="store_true")
     rs.set_defaults(fn=cmd_results)
+
+    lb = sub.add_parser("leaderboard", help="compare strategies at matched size")
+    lb.add_argument("dirs", nargs="+", help="experiment directories")
+    lb.add_argument("--format", default="table", help="table (default), md, csv or json")
+    lb.set_defaults(fn=cmd_leaderboard)
+
+    rp = sub.add_parser("report", help="self-contained HTML report with Pareto plots")
+    rp.add_argument("dirs", nargs="+", help="experiment directories")
+    rp.add_argument("-o", "--output", default="report.html")
+    rp.set_defaults(fn=cmd_report)
 
     sp = sub.add_parser("space", help="inspect a search space")
     sps = sp.add_subparsers(dest="space_command", required=True, parser_class=_Parser)

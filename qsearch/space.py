@@ -306,6 +306,15 @@ class SearchSpace:
         return {"code_bytes": codes, "scale_bytes": scales, "float_bytes": 4 * floats,
                 "total_bytes": codes + scales + 4 * floats}
 
+    def train_memory_bytes(self, cand: Candidate, batch_size: int) -> float:
+        """Rough upper estimate of training memory: float32 weights with their gradient,
+        momentum and quantized copy, plus ~4 saved float32 tensors per layer output (conv,
+        BN, activation, quantized input) for a batch."""
+        _, cout, _ = self.shapes(cand.width)
+        weights = 4 * 4 * float(self.params(cand.width).sum())
+        activations = 4 * 4 * batch_size * float((cout * self._hw_out).sum())
+        return weights + activations
+
     # ----- width alignment -------------------------------------------------------------
     def min_cost(self, bits: Candidate, kind: str) -> float:
         return self.cost(bits.with_width(self.width_bounds[0]), kind)

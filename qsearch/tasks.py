@@ -7,6 +7,7 @@ file with ``@register_task("name")``; the runner looks the task up by the propos
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -93,6 +94,31 @@ def train_candidate(ctx: TaskContext, candidate, *, scheme: str = "dualprecision
                         start_state=ctx.restored)
 
 
+def available_memory_bytes(device: str) -> float:
+    """Memory a trial may use: free GPU memory, or the machine's available memory shared
+    by the trials that can run at once (``QSEARCH_TRIALS_PER_NODE``, set by the runner)."""
+    import torch
+
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info()
+        return float(free)
+    with open("/proc/meminfo") as f:
+        info = dict(line.split(":", 1) for line in f)
+    available = float(info["MemAvailable"].split()[0]) * 1024
+    return available / max(1, int(os.environ.get("QSEARCH_TRIALS_PER_NODE", "1")))
+
+
+def memory_guard(ctx: TaskContext, candidate) -> Result | None:
+    """Refuse, before training, a candidate whose estimated memory exceeds what is free."""
+    need = ctx.space.train_memory_bytes(candidate, ctx.train_config().batch_size)
+    have = available_memory_bytes(ctx.device)
+    if need <= have:
+        return None
+    return Result("failed", candidate=candidate, error=(
+        f"refused before training: estimated memory {need / 1e9:.1f} GB exceeds the "
+        f"{have / 1e9:.1f} GB available to this trial (lower the budget, width or batch size)"))
+
+
 def cost_metrics(space: SearchSpace, candidate, budget: Budget) -> dict[str, float]:
     """The costs every result row carries."""
     c_size, bitops = space.c_size(candidate), space.bitops(candidate)
@@ -107,11 +133,15 @@ def train_task(ctx: TaskContext) -> Result:
     from qsearch.train import evaluate
 
     cand = ctx.proposal.candidate
+    refused = memory_guard(ctx, cand)
+    if refused:
+        return refused
     start = time.perf_counter()
     model, res = train_candidate(ctx, cand)
     metrics = {**cost_metrics(ctx.space, cand, ctx.budget),
                "train_seconds": res.train_seconds, "steps": res.steps,
-               "best_val_acc": res.best_val_acc, "task_seconds": time.perf_counter() - start}
+               "best_val_acc": res.best_val_acc, "task_seconds": time.perf_counter() - start,
+               "resumed_from_step": (ctx.restored or {}).get("step", 0)}
     if ctx.proposal.params.get("test") and res.status in ("ok", "stopped"):
         metrics["test_acc"], metrics["test_loss"] = evaluate(model, ctx.splits().test)
     status = "ok" if res.status in ("ok", "stopped") else res.status

@@ -32,6 +32,7 @@ from typing import Any
 from qsearch import QSearchError
 from qsearch.budget import Budget, format_cost, parse_budget
 from qsearch.candidate import Candidate
+from qsearch.leaderboard import bit_summary
 from qsearch.space import SearchSpace
 from qsearch.spec import Spec
 from qsearch.store import ResultsStore
@@ -636,7 +637,7 @@ def dry_run(spec: Spec) -> None:
             print(f"  {i:>3} task {p.task}: {json.dumps(p.params)[:80]}")
             continue
         c = p.candidate
-        print(f"  {i:>3} task {p.task}: bits {bit_summary(space, c)}, width {c.width:.4g}, "
+        print(f"  {i:>3} task {p.task}: bits {bit_summary(c.w_bits, space)}, width {c.width:.4g}, "
               f"C_size {format_cost(space.c_size(c), 'size')}, BitOPs "
               f"{format_cost(space.bitops(c), 'bitops')}, "
               f"{space.cost(c, b.search.kind) / b.search.value:.2%} of {b.search}")
@@ -677,22 +678,9 @@ def summarize(runner: Runner) -> None:
               f"C_size {format_cost(space.c_size(cand), 'size')} "
               f"({cost / b.target.value:.2%} of the budget), "
               f"BitOPs {format_cost(space.bitops(cand), 'bitops')}")
-    print(f"bits per layer: {bit_summary(space, cand)}")
+    print(f"bits per layer: {bit_summary(cand.w_bits, space)}")
     (runner.out / "final.json").write_text(json.dumps({
         "candidate": cand.to_dict(), "c_size": space.c_size(cand),
         "bitops": space.bitops(cand), "target": str(b.target), "search_budget": str(b.search),
         "budget_ratio": cost / b.target.value, "search_val_acc": best["val_acc"],
         "trial_id": best["trial_id"]}, indent=2))
-
-
-def bit_summary(space: SearchSpace, cand: Candidate) -> str:
-    """Compact bits: per group when uniform within groups ("dw 4 / other 1"), else the free
-    layers' bits in order, or a histogram ("1b:3 2b:10") when there are many layers."""
-    per_group = {g: {cand.w_bits[i] for i in idx} for g, idx in space.groups.items()}
-    if all(len(v) == 1 for v in per_group.values()):
-        return " / ".join(f"{'dw' if g == 'depthwise' else g} {v.pop()}"
-                          for g, v in per_group.items())
-    free = [cand.w_bits[i] for i in space.free_layers]
-    if len(free) > 24:
-        return " ".join(f"{b}b:{free.count(b)}" for b in sorted(set(free)))
-    return " ".join(map(str, free))

@@ -1,0 +1,298 @@
+"""The leaderboard: a query over experiment directories, never a second copy of the results.
+
+Each experiment directory holds ``spec.json`` and ``results.parquet`` (:mod:`qsearch.store`).
+An entry is one experiment, i.e. one (strategy, model, dataset, budget): its final-stage
+retrains aggregated over seeds, the final candidate's costs, and what the search cost.
+
+Only *matched-size* entries are ranked. A model well under the budget is not comparable to one
+that fills it (DualPrecision compares strategies at equal C_size, Eq. 6), so an entry whose cost
+(C_size for a size budget, BitOPs for a BitOPs budget) lies outside ``tolerance`` x budget is
+listed but flagged, as is an entry with no final retrain.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from qsearch import QSearchError
+from qsearch.budget import format_cost
+from qsearch.store import ResultsStore
+
+SPEC_FILE, FINAL_FILE = "spec.json", "final.json"  # as written by qsearch.tune
+FORMATS = ("table", "md", "csv", "json")
+EPS = 1e-9  # float slack on the tolerance bounds
+
+# Fields of an entry that the csv and json formats export (raw values, not display strings).
+FIELDS = ("rank", "strategy", "model", "dataset", "budget", "budget_kind", "budget_value",
+          "c_size", "bitops", "budget_ratio", "matched", "test_acc_mean", "test_acc_std",
+          "n_seeds", "search_val_acc", "trials", "cpu_hours", "wall_seconds", "bits", "note",
+          "experiment", "dir")
+COLUMNS = ("rank", "strategy", "model", "budget", "C_size", "ratio", "BitOPs",
+           "test acc mean ± std (n)", "search val", "trials", "CPU-h", "wall", "bits", "note")
+_LEFT = {"strategy", "model", "bits", "note"}  # other columns are right-aligned
+
+
+# ----- loading --------------------------------------------------------------------------
+def load_experiments(dirs: Iterable[str | Path]) -> pd.DataFrame:
+    """All trial rows of several experiment directories, with the spec's fields as columns.
+
+    A row's own column wins over a spec field of the same name (e.g. a final row's ``seed``
+    is the retrain seed). ``experiment_dir`` names the directory each row came from.
+    """
+    frames = []
+    for d in map(Path, dirs):
+        spec = _read_spec(d)
+        df = ResultsStore(d).to_pandas()
+        for key, value in spec.items():
+            if key not in df.columns:
+                df[key] = [value] * len(df)
+        df["experiment_dir"] = str(d)
+        frames.append(df)
+    if not frames:
+        raise QSearchError("no experiment directories given: pass the --out directories of "
+                           "`qsearch run`, e.g. runs/*")
+    frames = [f for f in frames if len(f)] or frames[:1]
+    return pd.concat(frames, ignore_index=True)
+
+
+def _read_spec(d: Path) -> dict[str, Any]:
+    path = d / SPEC_FILE
+    if not path.is_file():
+        nested = d.is_dir() and any((c / SPEC_FILE).is_file() for c in d.iterdir())
+        hint = f"; its subdirectories are experiments: pass them, e.g. {d}/*" if nested else ""
+        raise QSearchError(f"{str(d)!r} is not a qsearch experiment (no {SPEC_FILE}): pass the "
+                           f"--out directory of a `qsearch run`{hint}")
+    try:
+        spec = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise QSearchError(f"{path} is unreadable ({e}): restore it, or leave {str(d)!r} "
+                           "out of the list") from None
+    if not isinstance(spec, dict):
+        raise QSearchError(f"{path} is not a spec (a JSON object): leave {str(d)!r} out")
+    return spec
+
+
+# ----- the query ------------------------------------------------------------------------
+def leaderboard(df: pd.DataFrame, *,
+                tolerance: tuple[float, float] = (0.99, 1.0)) -> list[dict[str, Any]]:
+    """One entry per experiment, ranked by final test accuracy within (model, dataset, budget).
+
+    ``rank`` is None for entries that are not ranked: no (successful) final retrain, or a
+    cost outside ``tolerance`` x budget (``matched=False``). Entries come sorted by model,
+    dataset, budget, then rank, unranked last.
+    """
+    lo, hi = tolerance
+    if not 0 < lo <= hi:
+        raise QSearchError(f"tolerance {tolerance} invalid: need 0 < low <= high, "
+                           "e.g. (0.99, 1.0)")
+    key = "experiment_dir" if "experiment_dir" in df.columns else "experiment_id"
+    entries = [_entry(rows, lo, hi) for _, rows in df.groupby(key, sort=False)]
+    ranked: dict[tuple, list[dict]] = defaultdict(list)
+    for e in entries:
+        if e["matched"] and e["n_seeds"]:
+            ranked[(e["model"], e["dataset"], e["budget_kind"], e["budget_value"])].append(e)
+    for group in ranked.values():
+        group.sort(key=lambda e: (-e["test_acc_mean"], e["strategy"]))
+        for i, e in enumerate(group, 1):
+            e["rank"] = i
+    return sorted(entries, key=lambda e: (
+        e["model"], e["dataset"], e["budget_kind"], e["budget_value"],
+        e["rank"] is None, e["rank"] or 0, e["strategy"], e["experiment"]))
+
+
+def _entry(rows: pd.DataFrame, lo: float, hi: float) -> dict[str, Any]:
+    first = rows.iloc[0]
+    kind, budget_value = str(first["budget_kind"]), float(first["budget_value"])
+    search, final = rows[rows["stage"] == "search"], rows[rows["stage"] == "final"]
+    ok = final[(final["status"] == "ok") & np.isfinite(_num(final["test_acc"]))]
+    accs = _num(ok["test_acc"]).to_numpy()
+
+    best = _best_search(search)
+    found = _final_candidate(ok if len(ok) else final, first.get("experiment_dir"), best)
+    c_size, bitops, w_bits, source = found or (None, None, None, None)
+    cost = c_size if kind == "size" else bitops
+    ratio = cost / budget_value if cost is not None else None
+    matched = ratio is not None and lo - EPS <= ratio <= hi + EPS
+    space = _space_for(first)
+
+    if final.empty:
+        note = "no final retrain"
+    elif not len(ok):
+        note = "final retrain failed"
+    elif not matched:
+        what = "C_size" if kind == "size" else "BitOPs"
+        note = (f"{what} {ratio:.1%} of budget: not ranked" if ratio is not None
+                else "final cost unknown: not ranked")
+    else:
+        note = ""
+    wall = _num(search["wall_seconds"]).fillna(0.0)
+    done = _num(search["finished_at"])
+    cpus = _float(first.get("cpus_per_trial")) or 1.0
+    return {
+        "rank": None, "strategy": first["strategy"], "model": first["model"],
+        "dataset": first["dataset"], "budget": first["budget"], "budget_kind": kind,
+        "budget_value": budget_value, "c_size": c_size, "bitops": bitops,
+        "budget_ratio": ratio, "matched": bool(matched),
+        "test_acc_mean": float(accs.mean()) if len(accs) else None,
+        "test_acc_std": float(accs.std(ddof=1)) if len(accs) > 1 else 0.0 if len(accs) else None,
+        "n_seeds": len(accs),
+        "search_val_acc": float(best["val_acc"]) if best is not None else None,
+        "trials": len(search), "cpu_hours": float(wall.sum()) * cpus / 3600,
+        "wall_seconds": float(done.max() - (done - wall).min()) if done.notna().any() else None,
+        "bits": bit_summary(w_bits, space) if w_bits else "-", "note": note,
+        "experiment": first["experiment_id"], "dir": first.get("experiment_dir"),
+        # for plots: the final candidate's bits, where they came from, the layer names
+        "w_bits": w_bits, "candidate_source": source,
+        "layers": [l.name for l in space.layers] if space else None,
+    }
+
+
+def _best_search(search: pd.DataFrame) -> pd.Series | None:
+    acc = _num(search["val_acc"])
+    ok = search[(search["status"] == "ok") & np.isfinite(acc) & search["candidate"].notna()]
+    return ok.loc[_num(ok["val_acc"]).idxmax()] if len(ok) else None
+
+
+def _final_candidate(final: pd.DataFrame, directory: str | None, best: pd.Series | None
+                     ) -> tuple[float | None, float | None, list[int], str] | None:
+    """(C_size, BitOPs, w_bits, source) of the final candidate.
+
+    From the final rows when there are any; else from ``final.json`` (the search winner
+    re-aligned to the target); else the best search trial (whose cost is relative to the
+    search budget, so it is never matched unless the search ran at the target).
+    """
+    with_cand = final[final["candidate"].notna()]
+    if len(with_cand):
+        r = with_cand.iloc[0]
+        return (_float(r["c_size"]), _float(r["bitops"]),
+                json.loads(r["candidate"])["w_bits"], "final")
+    path = Path(directory) / FINAL_FILE if directory else None
+    if path and path.is_file():
+        try:
+            f = json.loads(path.read_text())
+            return (_float(f.get("c_size")), _float(f.get("bitops")),
+                    list(f["candidate"]["w_bits"]), FINAL_FILE)
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            pass  # a damaged final.json: fall back to the search's best trial
+    if best is not None:
+        return (_float(best["c_size"]), _float(best["bitops"]),
+                json.loads(best["candidate"])["w_bits"], "search best")
+    return None
+
+
+def bit_summary(w_bits: Sequence[int], space: Any = None) -> str:
+    """Compact bits: per group when uniform within groups ("dw 4 / other 1"), else a
+    histogram of the free layers' bits ("1b:3 2b:10 4b:5"); all layers without a space."""
+    if space is not None and len(w_bits) == len(space.layers):
+        per_group = {g: {w_bits[i] for i in idx} for g, idx in space.groups.items()}
+        if per_group and all(len(v) == 1 for v in per_group.values()):
+            return " / ".join(f"{'dw' if g == 'depthwise' else g} {next(iter(v))}"
+                              for g, v in per_group.items())
+        w_bits = [w_bits[i] for i in space.free_layers]
+    counts = Counter(int(b) for b in w_bits)
+    return " ".join(f"{b}b:{counts[b]}" for b in sorted(counts))
+
+
+def _space_for(row: pd.Series) -> Any:
+    data = row.get("data")
+    root = data.get("root") if isinstance(data, dict) else None
+    pin = row.get("pin_bits", 8)
+    pin = None if pin is None or (isinstance(pin, float) and math.isnan(pin)) else int(pin)
+    return _space(str(row["model"]), str(row["dataset"]), root, pin)
+
+
+@lru_cache(maxsize=16)
+def _space(model: str, dataset: str, root: str | None, pin_bits: int | None) -> Any:
+    """The SearchSpace for layer groups and names, or None where it cannot be built here."""
+    try:
+        from qsearch.space import SearchSpace  # imports torch: only when a leaderboard is built
+
+        return SearchSpace(model, dataset, data_root=root, pin_bits=pin_bits)
+    except (QSearchError, OSError, ImportError):  # e.g. an ImageFolder root on another machine
+        return None
+
+
+def _num(s: pd.Series) -> pd.Series:
+    return pd.to_numeric(s, errors="coerce").astype(float)
+
+
+def _float(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+# ----- formats --------------------------------------------------------------------------
+def display_rows(entries: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Column headers and one row of display strings per entry (table, md and the report)."""
+    rows = []
+    for e in entries:
+        kind = e["budget_kind"]
+        acc = (f"{e['test_acc_mean']:.2%} ± {e['test_acc_std']:.2%} ({e['n_seeds']})"
+               if e["n_seeds"] else "-")
+        rows.append([
+            str(e["rank"] or "-"), e["strategy"], f"{e['model']}/{e['dataset']}",
+            format_cost(e["budget_value"], kind),
+            format_cost(e["c_size"], "size") if e["c_size"] is not None else "-",
+            f"{e['budget_ratio']:.2%}" if e["budget_ratio"] is not None else "-",
+            format_cost(e["bitops"], "bitops") if e["bitops"] is not None else "-",
+            acc,
+            f"{e['search_val_acc']:.2%}" if e["search_val_acc"] is not None else "-",
+            str(e["trials"]), f"{e['cpu_hours']:.2f}", _duration(e["wall_seconds"]),
+            e["bits"], e["note"]])
+    return list(COLUMNS), rows
+
+
+def format_leaderboard(entries: Sequence[dict[str, Any]], fmt: str = "table") -> str:
+    """Render entries as ``table`` (aligned text), ``md``, ``csv`` or ``json``.
+
+    table and md show display strings; csv and json export the raw values of :data:`FIELDS`
+    (accuracies as fractions, costs in bits / operations, times in seconds and CPU-hours).
+    """
+    if fmt not in FORMATS:
+        raise QSearchError(f"leaderboard format {fmt!r} unknown: choose one of "
+                           f"{', '.join(FORMATS)}")
+    if fmt == "json":
+        return json.dumps([{k: e[k] for k in FIELDS} for e in entries], indent=2)
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=FIELDS, extrasaction="ignore",
+                                lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(entries)
+        return buf.getvalue()
+    head, rows = display_rows(entries)
+    if fmt == "md":
+        def line(cells: Sequence[str]) -> str:
+            return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+        rule = "|" + "|".join("---" if h in _LEFT else "---:" for h in head) + "|"
+        return "\n".join([line(head), rule, *map(line, rows)]) + "\n"
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    def pad(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) if h in _LEFT else c.rjust(w)
+                         for c, w, h in zip(cells, widths, head)).rstrip()
+    return "\n".join([pad(head), pad(["-" * w for w in widths]), *map(pad, rows)]) + "\n"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"

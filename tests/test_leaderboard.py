@@ -1,0 +1,199 @@
+"""The leaderboard over a synthetic store: matched-size filter, aggregation, ranking, formats."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qsearch import QSearchError
+from qsearch.budget import parse_budget
+from qsearch.candidate import Candidate
+from qsearch.leaderboard import (
+    FORMATS,
+    bit_summary,
+    format_leaderboard,
+    leaderboard,
+    load_experiments,
+)
+from qsearch.store import ResultsStore
+
+N_LAYERS = 22  # resnet20 on Fashion-MNIST: stem + 20 free layers + fc; first and last pinned
+
+# (strategy, budget) -> (free-layer bits, final C_size / budget, final test accs per seed)
+PLAN = {
+    ("uniform", "32KB"): ([2] * 20, 0.995, [0.880, 0.884, 0.878]),
+    ("dualprecision", "32KB"): ([4] * 20, 0.998, [0.900, 0.905, 0.897]),
+    ("random", "32KB"): ([1] * 5 + [2] * 10 + [4] * 5, 0.991, [0.860, 0.850, 0.866]),
+    ("uniform", "64KB"): ([4] * 20, 0.997, [0.920, 0.922, 0.917]),
+    ("dualprecision", "64KB"): ([8] * 20, 0.993, [0.910, 0.915, 0.905]),
+    # the most accurate, but only 95% of the budget: shown, flagged, never ranked
+    ("random", "64KB"): ([2] * 10 + [8] * 10, 0.95, [0.950, 0.951, 0.949]),
+}
+SEARCH_OFFSET = {"dualprecision": 0.03, "random": -0.02}  # distinct search curves
+GRID = {"rows": "depthwise", "cols": "other", "row_bits": [None], "col_bits": [1, 2, 4, 8],
+        "table": [[0.81, 0.85, 0.9, None]], "cells": [],
+        "best": {"other": 4, "val_acc": 0.9}, "budget": "32KB"}
+
+
+def bits(free: list[int]) -> list[int]:
+    return [8, *free, 8]
+
+
+def make_experiment(root: Path, strategy: str, budget: str, free: list[int] | None,
+                    ratio: float = 1.0, accs: list[float] = (), *, trials: int = 4,
+                    cpus: float = 2.0) -> Path:
+    """One experiment directory: spec.json, search rows, final rows (one per seed)."""
+    d = root / f"{strategy}-{budget}"
+    d.mkdir(parents=True)
+    spec = {"strategy": strategy, "budget": budget, "model": "resnet20",
+            "dataset": "fashion-mnist", "cpus_per_trial": cpus, "pin_bits": 8, "seed": 0}
+    (d / "spec.json").write_text(json.dumps(spec))
+    b = parse_budget(budget)
+    store = ResultsStore(d)
+    common = {"experiment_id": d.name, "strategy": strategy, "model": "resnet20",
+              "dataset": "fashion-mnist", "budget": budget, "budget_kind": b.kind,
+              "budget_value": b.value, "status": "ok", "task": "train"}
+    free = free or [4] * 20
+    cand = Candidate(tuple(bits(free)), 4, 0.5).to_json()
+    for i in range(trials):
+        store.append({**common, "trial_id": f"s{i}", "trial_index": i, "stage": "search",
+                      "candidate": cand, "c_size": 0.5 * b.value, "bitops": 1e8,
+                      "val_acc": 0.7 + 0.05 * (i % 3) + SEARCH_OFFSET.get(strategy, 0.0),
+                      "wall_seconds": 100.0 + i,
+                      "finished_at": 1000.0 + 200 * i, "seed": 0})
+    for seed, acc in enumerate(accs):
+        store.append({**common, "trial_id": f"f{seed}", "trial_index": seed, "stage": "final",
+                      "candidate": cand, "c_size": ratio * b.value, "bitops": 2e8,
+                      "val_acc": acc - 0.01, "test_acc": acc, "wall_seconds": 500.0,
+                      "finished_at": 5000.0 + seed, "seed": seed})
+    return d
+
+
+def make_store(root: Path) -> list[Path]:
+    """Six experiments (3 strategies x 2 budgets, one off-size) and one without a final."""
+    dirs = [make_experiment(root, s, b, free, ratio, accs)
+            for (s, b), (free, ratio, accs) in PLAN.items()]
+    (root / "dualprecision-32KB" / "summary.json").write_text(json.dumps(GRID))
+    dirs.append(make_experiment(root, "tpe", "32KB", None, trials=3))
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> list[Path]:
+    return make_store(tmp_path_factory.mktemp("runs"))
+
+
+@pytest.fixture(scope="module")
+def entries(store) -> list[dict]:
+    return leaderboard(load_experiments(store))
+
+
+def find(entries: list[dict], strategy: str, budget: str) -> dict:
+    return next(e for e in entries if (e["strategy"], e["budget"]) == (strategy, budget))
+
+
+def test_load_experiments_adds_spec_fields(store):
+    df = load_experiments(store)
+    assert len(df) == 6 * (4 + 3) + 3
+    assert set(df["cpus_per_trial"]) == {2.0}
+    assert set(df["experiment_dir"]) == {str(d) for d in store}
+
+
+def test_not_an_experiment_names_the_directory(tmp_path, store):
+    with pytest.raises(QSearchError, match="not a qsearch experiment.*--out directory"):
+        load_experiments([tmp_path / "nowhere"])
+    with pytest.raises(QSearchError, match=r"subdirectories are experiments.*/\*"):
+        load_experiments([store[0].parent])
+
+
+def test_matched_size_filter(entries):
+    off = find(entries, "random", "64KB")
+    assert not off["matched"] and off["rank"] is None
+    assert off["budget_ratio"] == pytest.approx(0.95)
+    assert "95.0% of budget" in off["note"]
+    assert all(e["matched"] for e in entries if e["rank"] is not None)
+
+
+def test_no_final_retrain_is_listed_not_ranked(entries):
+    tpe = find(entries, "tpe", "32KB")
+    assert tpe["rank"] is None and tpe["n_seeds"] == 0 and tpe["note"] == "no final retrain"
+    assert tpe["search_val_acc"] == pytest.approx(0.8)
+    assert tpe["test_acc_mean"] is None
+
+
+def test_aggregation_over_seeds(entries):
+    for (strategy, budget), (_, _, accs) in PLAN.items():
+        e = find(entries, strategy, budget)
+        assert e["n_seeds"] == 3
+        assert e["test_acc_mean"] == pytest.approx(np.mean(accs))
+        assert e["test_acc_std"] == pytest.approx(np.std(accs, ddof=1))
+
+
+def test_search_cost(entries):
+    e = find(entries, "uniform", "32KB")
+    walls = [100.0, 101.0, 102.0, 103.0]
+    assert e["trials"] == 4
+    assert e["cpu_hours"] == pytest.approx(sum(walls) * 2.0 / 3600)
+    assert e["wall_seconds"] == pytest.approx((1000 + 600) - (1000 - 100))
+    assert e["search_val_acc"] == pytest.approx(0.8)
+
+
+def test_ranking_within_budget(entries):
+    ranked = {b: [e["strategy"] for e in sorted(
+        (e for e in entries if e["budget"] == b and e["rank"]), key=lambda e: e["rank"])]
+        for b in ("32KB", "64KB")}
+    assert ranked == {"32KB": ["dualprecision", "uniform", "random"],
+                      "64KB": ["uniform", "dualprecision"]}
+
+
+def test_bit_summaries(entries):
+    assert find(entries, "uniform", "32KB")["bits"] == "other 2"
+    assert find(entries, "random", "32KB")["bits"] == "1b:5 2b:10 4b:5"
+
+
+def test_bit_summary_groups_without_torch():
+    class Space:  # a depthwise model's two groups, first and last layer pinned
+        layers = [None] * 6
+        groups = {"depthwise": [1, 3], "other": [2, 4]}
+        free_layers = [1, 2, 3, 4]
+
+    assert bit_summary([8, 4, 1, 4, 1, 8], Space()) == "dw 4 / other 1"
+    assert bit_summary([8, 4, 2, 4, 1, 8], Space()) == "1b:1 2b:1 4b:2"
+    assert bit_summary([8, 4, 2, 8]) == "2b:1 4b:1 8b:2"
+
+
+def test_bitops_budget_is_matched_on_bitops(tmp_path):
+    d = make_experiment(tmp_path, "uniform", "1e8bitops", None, 0.5, [0.9, 0.91])
+    (e,) = leaderboard(load_experiments([d]))  # final BitOPs 2e8 = 200% of the budget
+    assert not e["matched"] and "BitOPs 200.0% of budget" in e["note"]
+    (e,) = leaderboard(load_experiments([d]), tolerance=(0.99, 2.0))
+    assert e["matched"] and e["rank"] == 1
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_format_renders(entries, fmt):
+    text = format_leaderboard(entries, fmt)
+    assert "dualprecision" in text
+    if fmt == "json":
+        rows = json.loads(text)
+        assert len(rows) == len(entries) and rows[0]["rank"] == 1
+    elif fmt == "csv":
+        rows = list(csv.DictReader(io.StringIO(text)))
+        assert "test_acc_mean" in rows[0] and len(rows) == len(entries)
+    elif fmt == "md":
+        assert text.splitlines()[1].startswith("|---")
+    else:
+        lines = text.splitlines()
+        assert lines[0].split()[:2] == ["rank", "strategy"]
+        assert lines[0].index("strategy") == lines[1].index(" -") + 1  # columns align
+        assert "± " in text and "no final retrain" in text
+
+
+def test_unknown_format_lists_the_valid_ones(entries):
+    with pytest.raises(QSearchError, match="table, md, csv, json"):
+        format_leaderboard(entries, "xlsx")
