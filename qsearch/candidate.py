@@ -14,15 +14,25 @@ SCHEMA_VERSION = 1
 
 @dataclass(frozen=True)
 class Candidate:
-    """Per-layer weight bits (inventory order; 32 = float), activation bits, width multiplier."""
+    """Per-layer weight bits (inventory order; 32 = float), activation bits, width multiplier.
+
+    ``channels`` holds the extra channels per plan key that width alignment added on top of
+    the width multiplier to close the rounding gap (see ``SearchSpace.align``).
+    """
 
     w_bits: tuple[int, ...]
     a_bits: int
     width: float
+    channels: tuple[tuple[str, int], ...] = ()
     version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "w_bits", tuple(int(b) for b in self.w_bits))
+        channels = dict(self.channels)
+        if any(not isinstance(k, str) or int(v) < 0 for k, v in channels.items()):
+            raise QSearchError(f"extra channels {channels} must map plan keys to counts >= 0")
+        object.__setattr__(self, "channels",
+                           tuple(sorted((k, int(v)) for k, v in channels.items() if v)))
         bad = sorted({b for b in self.w_bits if b not in WEIGHT_BITS})
         if bad:
             raise QSearchError(
@@ -38,6 +48,7 @@ class Candidate:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["w_bits"] = list(self.w_bits)
+        d["channels"] = dict(self.channels)
         return d
 
     def to_json(self) -> str:
@@ -50,11 +61,13 @@ class Candidate:
                 f"candidate schema version {d.get('version')} is not supported "
                 f"(this qsearch reads version {SCHEMA_VERSION})"
             )
-        return cls(tuple(d["w_bits"]), int(d["a_bits"]), float(d["width"]))
+        return cls(tuple(d["w_bits"]), int(d["a_bits"]), float(d["width"]),
+                   tuple((d.get("channels") or {}).items()))
 
     @classmethod
     def from_json(cls, s: str) -> Candidate:
         return cls.from_dict(json.loads(s))
 
-    def with_width(self, width: float) -> Candidate:
-        return Candidate(self.w_bits, self.a_bits, width)
+    def with_width(self, width: float, channels: tuple[tuple[str, int], ...] = ()) -> Candidate:
+        """The same bits at another width (extra channels dropped unless given)."""
+        return Candidate(self.w_bits, self.a_bits, width, channels)

@@ -205,13 +205,17 @@ class SearchSpace:
         other = [i for i in self.free_layers if self.layers[i].role != "depthwise"]
         return {k: v for k, v in (("depthwise", dw), ("other", other)) if v}
 
-    def plan(self, width: float) -> dict:
-        return self.family.plan(width, fixed_first=self.fixed_first, fixed_last=self.fixed_last)
+    def plan(self, at: Candidate | float) -> dict:
+        """Channel counts at a width, or at a candidate's width plus its extra channels."""
+        width, extra = (at.width, dict(at.channels)) if isinstance(at, Candidate) else (at, {})
+        p = self.family.plan(width, fixed_first=self.fixed_first, fixed_last=self.fixed_last)
+        if extra:
+            p = {name: Ch(int(ch) + extra.get(ch.key, 0), ch.key) for name, ch in p.items()}
+        return p
 
     def build(self, candidate: Candidate | float):
-        """The float model (torch nn.Module) at the candidate's width."""
-        width = candidate.width if isinstance(candidate, Candidate) else float(candidate)
-        return self.family.build(self.plan(width), in_channels=self.info.in_channels,
+        """The float model (torch nn.Module) of a candidate (or at a width)."""
+        return self.family.build(self.plan(candidate), in_channels=self.info.in_channels,
                                  num_classes=self.info.num_classes)
 
     def layer_bits(self, candidate: Candidate) -> dict[str, int]:
@@ -252,9 +256,9 @@ class SearchSpace:
         return Candidate(tuple(w), self.a_bits if a_bits is None else a_bits, float(width))
 
     # ----- shapes and costs ------------------------------------------------------------
-    def shapes(self, width: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(Cin, Cout, groups) of every layer at ``width``."""
-        p = self.plan(width)
+    def shapes(self, at: Candidate | float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(Cin, Cout, groups) of every layer of a candidate (or at a width)."""
+        p = self.plan(at)
         def pick(key, const):
             return p[key] if key is not None else const
         cin = np.array([pick(l.cin_key, l.cin) for l in self.layers], float)
@@ -262,14 +266,14 @@ class SearchSpace:
         groups = np.array([pick(l.groups_key, l.groups) for l in self.layers], float)
         return cin, cout, groups
 
-    def params(self, width: float) -> np.ndarray:
+    def params(self, at: Candidate | float) -> np.ndarray:
         """Weights per layer: Cout x Cin/groups x Kh x Kw."""
-        cin, cout, groups = self.shapes(width)
+        cin, cout, groups = self.shapes(at)
         return cout * (cin / groups) * self._kernel
 
     def c_size(self, cand: Candidate) -> float:
         """Eq. (6): sum over filters of b(i) x Cin(i)/groups x Kw(i) x Kh(i), in bits."""
-        return float(np.dot(np.asarray(cand.w_bits, float), self.params(cand.width)))
+        return float(np.dot(np.asarray(cand.w_bits, float), self.params(cand)))
 
     def _act_bits(self, a_bits: int) -> np.ndarray:
         a = np.full(len(self.layers), float(a_bits))
@@ -278,7 +282,7 @@ class SearchSpace:
 
     def bitops(self, cand: Candidate) -> float:
         """FracBits Eq. (6b) at integer bits: sum of MACs x w_bits x input a_bits."""
-        macs = self.params(cand.width) * self._hw_out
+        macs = self.params(cand) * self._hw_out
         return float(np.sum(macs * np.asarray(cand.w_bits, float) * self._act_bits(cand.a_bits)))
 
     def cost(self, cand: Candidate, kind: str) -> float:
@@ -286,7 +290,7 @@ class SearchSpace:
 
     def memory_footprint(self, cand: Candidate) -> float:
         """DualPrecision Appendix F, in bits: largest input + largest output map + weights."""
-        cin, cout, _ = self.shapes(cand.width)
+        cin, cout, _ = self.shapes(cand)
         act = self._act_bits(cand.a_bits)
         largest_in = np.max(cin * self._hw_in * act)
         largest_out = np.max(cout * self._hw_out * cand.a_bits)
@@ -294,9 +298,9 @@ class SearchSpace:
 
     def packed_bytes(self, cand: Candidate) -> dict[str, int]:
         """Estimate of the exported file's payload: codes, per-filter scales, float params."""
-        p = self.plan(cand.width)
-        _, cout, _ = self.shapes(cand.width)
-        params = self.params(cand.width)
+        p = self.plan(cand)
+        _, cout, _ = self.shapes(cand)
+        params = self.params(cand)
         bits = np.asarray(cand.w_bits, float)
         quantized = bits < FLOAT_BITS
         codes = int(sum(math.ceil(n * b / 8) for n, b in zip(params[quantized], bits[quantized])))
@@ -310,24 +314,29 @@ class SearchSpace:
         """Rough upper estimate of training memory: float32 weights with their gradient,
         momentum and quantized copy, plus ~4 saved float32 tensors per layer output (conv,
         BN, activation, quantized input) for a batch."""
-        _, cout, _ = self.shapes(cand.width)
-        weights = 4 * 4 * float(self.params(cand.width).sum())
+        _, cout, _ = self.shapes(cand)
+        weights = 4 * 4 * float(self.params(cand).sum())
         activations = 4 * 4 * batch_size * float((cout * self._hw_out).sum())
         return weights + activations
 
     # ----- width alignment -------------------------------------------------------------
     def min_cost(self, bits: Candidate, kind: str) -> float:
+        """Cost of these bits at the smallest width the bounds allow."""
         return self.cost(bits.with_width(self.width_bounds[0]), kind)
 
-    def align(self, cand: Candidate, budget: Budget, *, tol: float = 1e-7) -> Aligned:
+    def align(self, cand: Candidate, budget: Budget, *, tol: float = 1e-7,
+              top_up: bool = True) -> Aligned:
         """Solve the width multiplier so the model fills the budget (cost <= budget).
 
         Channel counts are integers, so cost is a non-decreasing step function of width;
-        bisection finds the largest width whose cost fits. The achieved ratio is usually
-        >= 99% of the budget; at very small widths the channel granularity may not allow it
-        (``Aligned.ratio`` reports what was reached).
+        bisection finds the largest width whose cost fits. At small widths one rounding step
+        can be several percent of the budget, so ``top_up`` then adds channels to single
+        stages (each at most ~25% above its width-multiplied count, in the family's channel
+        steps), largest fitting increase first, until nothing more fits: the result is
+        usually within [99%, 100%] of the budget. ``Aligned.ratio`` reports what was reached.
         """
         lo, hi = self.width_bounds
+        cand = cand.with_width(lo)
         def cost(w: float) -> float:
             return self.cost(cand.with_width(w), budget.kind)
         if cost(lo) > budget.value:
@@ -346,13 +355,40 @@ class SearchSpace:
         width = round(lo, 6)
         if cost(width) > budget.value:
             width = lo
-        return Aligned(cand.with_width(width), cost(width), budget)
+        best = cand.with_width(width)
+        if top_up:
+            best = self._top_up(best, budget)
+        return Aligned(best, self.cost(best, budget.kind), budget)
+
+    @cached_property
+    def _scalable_keys(self) -> list[str]:
+        """Plan keys whose channel count follows the width multiplier."""
+        small, large = self.plan(1.0), self.plan(4.0)
+        return sorted({ch.key for n, ch in small.items() if int(large[n]) != int(ch)})
+
+    def _top_up(self, cand: Candidate, budget: Budget) -> Candidate:
+        step = self.family.granularity
+        base = {ch.key: int(ch) for ch in self.plan(cand.width).values()}
+        limit = {k: max(step, int(0.25 * base[k]) // step * step) for k in self._scalable_keys}
+        extra = dict.fromkeys(limit, 0)
+        while True:
+            fits = []
+            for k in limit:
+                if extra[k] + step <= limit[k]:
+                    trial = cand.with_width(cand.width, tuple({**extra, k: extra[k] + step}
+                                                              .items()))
+                    c = self.cost(trial, budget.kind)
+                    if c <= budget.value:
+                        fits.append((c, k))
+            if not fits:
+                return cand.with_width(cand.width, tuple(extra.items()))
+            extra[max(fits)[1]] += step
 
     # ----- display ---------------------------------------------------------------------
     def table(self, cand: Candidate) -> list[dict]:
         """One row per layer: role, shape, bits, share of C_size, BitOPs."""
-        cin, cout, groups = self.shapes(cand.width)
-        params = self.params(cand.width)
+        cin, cout, groups = self.shapes(cand)
+        params = self.params(cand)
         bits = np.asarray(cand.w_bits, float)
         size = bits * params
         bitops = params * self._hw_out * bits * self._act_bits(cand.a_bits)

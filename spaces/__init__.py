@@ -72,6 +72,7 @@ class Family:
     build: Callable[..., nn.Module]
     description: str
     image_size: int  # input resolution the family is designed for (informational)
+    granularity: int = 1  # channel step of the rounding rule (8 for MobileNets)
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -79,11 +80,12 @@ _MODULES = ("qsearch.spaces.cifar", "qsearch.spaces.imagenet")
 
 
 def register_family(
-    name: str, *, plan: Callable, build: Callable, description: str, image_size: int = 32
+    name: str, *, plan: Callable, build: Callable, description: str, image_size: int = 32,
+    granularity: int = 1,
 ) -> None:
     if name in _FAMILIES:
         raise ValueError(f"model family {name!r} is registered twice")
-    _FAMILIES[name] = Family(name, plan, build, description, image_size)
+    _FAMILIES[name] = Family(name, plan, build, description, image_size, granularity)
 
 
 def _load_all() -> None:

@@ -168,7 +168,7 @@ def build_mobilenetv2_cifar(plan, *, in_channels: int, num_classes: int) -> nn.M
 
 
 register_family(
-    "mobilenetv2-cifar", plan=mobilenetv2_plan, build=build_mobilenetv2_cifar,
+    "mobilenetv2-cifar", plan=mobilenetv2_plan, build=build_mobilenetv2_cifar, granularity=8,
     description="CIFAR MobileNetV2: strides moved so the image is down-sampled twice "
     "(One-Bitwidth Appendix B)",
 )

@@ -229,7 +229,7 @@ def build_mobilenetv2(plan, *, in_channels: int, num_classes: int) -> nn.Module:
 
 
 register_family(
-    "mobilenetv2", plan=mobilenetv2_plan, build=build_mobilenetv2,
+    "mobilenetv2", plan=mobilenetv2_plan, build=build_mobilenetv2, granularity=8,
     description="ImageNet MobileNetV2 (torchvision layout; One-Bitwidth Sec. 4.4)",
     image_size=224,
 )
@@ -265,6 +265,6 @@ def build_mobilenetv1(plan, *, in_channels: int, num_classes: int) -> nn.Module:
 
 
 register_family(
-    "mobilenetv1", plan=mobilenetv1_plan, build=build_mobilenetv1,
+    "mobilenetv1", plan=mobilenetv1_plan, build=build_mobilenetv1, granularity=8,
     description="ImageNet MobileNetV1 (Howard et al. 2017; FracBits)", image_size=224,
 )

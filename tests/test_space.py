@@ -63,8 +63,9 @@ def test_layer_inventory_roles_and_fan_in():
 
 
 @pytest.mark.parametrize("bits", [(8,) * 22, (8, 1, 2, 3, 4, 5, 6, 7, 32) + (4,) * 12 + (8,)])
-def test_candidate_json_round_trip(bits):
-    cand = Candidate(bits, 4, 0.123456789012345)
+@pytest.mark.parametrize("channels", [(), (("s2", 1), ("s3", 2))])
+def test_candidate_json_round_trip(bits, channels):
+    cand = Candidate(bits, 4, 0.123456789012345, channels)
     again = Candidate.from_json(cand.to_json())
     assert again == cand and again.to_json() == cand.to_json()
     assert json.loads(cand.to_json())["version"] == 1
@@ -93,11 +94,16 @@ def test_width_alignment_fills_budget(model, dataset, bits, budget):
     b = parse_budget(budget)
     aligned = space.align(space.candidate(bits), b)
     assert aligned.cost <= b.value
-    # maximal: any wider model exceeds the budget
-    wider = aligned.candidate.with_width(aligned.candidate.width * (1 + 1e-5))
-    assert space.cost(wider, b.kind) > b.value
-    if budget != "64KB" or bits == 1:  # at 64KB/4-bit one channel step is ~3% of the budget
-        assert aligned.ratio >= 0.99
+    # maximal: the next width step exceeds the budget, and so does the next top-up step
+    cand = aligned.candidate
+    assert space.cost(cand.with_width(cand.width * (1 + 1e-5)), b.kind) > b.value
+    for key in space._scalable_keys:
+        more = dict(cand.channels)
+        more[key] = more.get(key, 0) + 1
+        grown = cand.with_width(cand.width, tuple(more.items()))
+        assert space.cost(grown, b.kind) > b.value or more[key] > 0.25 * space.plan(
+            cand.width)[key]
+    assert aligned.ratio >= 0.99
     assert aligned.cost == space.cost(aligned.candidate, b.kind)
     again = space.align(space.candidate(bits), b)
     assert again.candidate == aligned.candidate  # deterministic
@@ -116,6 +122,19 @@ def test_width_alignment_other_families(model):
         assert space.c_size(wider) > aligned.budget.value
         if budget != "100KB":  # small models: one channel step can exceed 1% of the budget
             assert aligned.ratio >= 0.99, (budget, aligned.ratio)
+
+
+def test_topped_up_candidate_builds_the_model_the_cost_model_counts():
+    import torch
+
+    space = SearchSpace("resnet20")
+    cand = space.align(space.candidate(4), parse_budget("16KB")).candidate
+    assert cand.channels  # the top-up was needed here
+    model = space.build(cand)
+    weights = sum(m.weight.numel() for m in model.modules()
+                  if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
+    assert weights == space.params(cand).sum()
+    assert space.c_size(cand) == sum(b * n for b, n in zip(cand.w_bits, space.params(cand)))
 
 
 def test_budget_below_smallest_model_names_the_minimum():
