@@ -119,7 +119,7 @@ class GridStrategy(Strategy):
 
     def __init__(self, space: SearchSpace, budget: Budget, *, seed: int = 0):
         super().__init__(space, budget, seed=seed)
-        self.done: dict[int, float] = {}  # cell index -> val_acc (nan = failed)
+        self.done: dict[int, float | None] = {}  # cell index -> val_acc (None = failed)
         self.inflight: dict[str, int] = {}
 
     @abstractmethod
@@ -135,7 +135,7 @@ class GridStrategy(Strategy):
 
     def tell(self, trial_id: str, result: Result) -> None:
         i = self.inflight.pop(trial_id)
-        self.done[i] = result.val_acc if result.ok else float("nan")
+        self.done[i] = result.val_acc if result.ok else None  # strict JSON: no NaN
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "done": {str(i): a for i, a in self.done.items()},
@@ -148,7 +148,8 @@ class GridStrategy(Strategy):
 
     def results(self) -> list[tuple[Any, float]]:
         """(cell, accuracy) for every finished cell, in grid order (nan = failed)."""
-        return [(self.cells[i], self.done[i]) for i in sorted(self.done)]
+        return [(self.cells[i], float("nan") if self.done[i] is None else self.done[i])
+                for i in sorted(self.done)]
 
 
 # ----- registry -----------------------------------------------------------------------

@@ -7,7 +7,6 @@ file with ``@register_task("name")``; the runner looks the task up by the propos
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ class TaskContext:
     device: str
     report: Callable[[dict, Callable[[], dict] | None], bool]
     restored: dict | None = None
+    trials_per_node: int = 1  # trials that may share this node's memory
 
     def train_config(self, **overrides):
         from qsearch.train import TrainConfig
@@ -94,9 +94,9 @@ def train_candidate(ctx: TaskContext, candidate, *, scheme: str = "dualprecision
                         start_state=ctx.restored)
 
 
-def available_memory_bytes(device: str) -> float:
-    """Memory a trial may use: free GPU memory, or the machine's available memory shared
-    by the trials that can run at once (``QSEARCH_TRIALS_PER_NODE``, set by the runner)."""
+def available_memory_bytes(device: str, trials_per_node: int = 1) -> float:
+    """Memory a trial may use: free GPU memory, or the node's available memory shared by
+    the trials that can run on it at once."""
     import torch
 
     if device.startswith("cuda"):
@@ -104,14 +104,13 @@ def available_memory_bytes(device: str) -> float:
         return float(free)
     with open("/proc/meminfo") as f:
         info = dict(line.split(":", 1) for line in f)
-    available = float(info["MemAvailable"].split()[0]) * 1024
-    return available / max(1, int(os.environ.get("QSEARCH_TRIALS_PER_NODE", "1")))
+    return float(info["MemAvailable"].split()[0]) * 1024 / max(1, trials_per_node)
 
 
 def memory_guard(ctx: TaskContext, candidate) -> Result | None:
     """Refuse, before training, a candidate whose estimated memory exceeds what is free."""
     need = ctx.space.train_memory_bytes(candidate, ctx.train_config().batch_size)
-    have = available_memory_bytes(ctx.device)
+    have = available_memory_bytes(ctx.device, ctx.trials_per_node)
     if need <= have:
         return None
     return Result("failed", candidate=candidate, error=(
@@ -145,5 +144,6 @@ def train_task(ctx: TaskContext) -> Result:
     if ctx.proposal.params.get("test") and res.status in ("ok", "stopped"):
         metrics["test_acc"], metrics["test_loss"] = evaluate(model, ctx.splits().test)
     status = "ok" if res.status in ("ok", "stopped") else res.status
-    return Result(status, res.val_acc, cand, metrics,
+    acc = float("nan") if res.val_acc is None else res.val_acc
+    return Result(status, acc, cand, metrics,
                   error=getattr(res, "reason", None) if status != "ok" else None)

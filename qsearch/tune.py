@@ -166,15 +166,20 @@ def trial_fn(config: dict[str, Any]) -> None:
     ctx = TaskContext(space=space, proposal=proposal, budget=parse_budget(config["budget"]),
                       train=dict(config.get("train") or spec.train), data=dict(spec.data),
                       seed=spec.seed + int(config.get("seed_offset", 0)),
-                      device="cuda" if use_gpu else "cpu", report=report, restored=restored)
+                      device="cuda" if use_gpu else "cpu", report=report, restored=restored,
+                      trials_per_node=int((os.cpu_count() or 1) // spec.cpus_per_trial))
     result = get_task(proposal.task)(ctx)
     tune.report({
-        "final": True, "status": result.status, "val_acc": float(result.val_acc),
+        "final": True, "status": result.status, "val_acc": _float(result.val_acc),
         "candidate": result.candidate.to_json() if result.candidate else "",
         "metrics_json": json.dumps(result.metrics, default=float),
         "error": result.error or "", "node": ray.util.get_node_ip_address(),
         "task_wall_seconds": time.perf_counter() - start,
     })
+
+
+def _float(x) -> float:
+    return float("nan") if x is None else float(x)
 
 
 def result_from_report(report: dict | None, error: bool, message: str = "") -> Result:
@@ -250,19 +255,17 @@ def _callback_class():
         def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
             self.runner.checkpoints[trial.trial_id] = checkpoint.path
 
-        def on_trial_error(self, iteration, trials, trial, **info):
-            self.runner.record(trial.trial_id, None, error=True,
-                               message=_error_text(trial))
-
     return Progress
 
 
-def _error_text(trial) -> str:
-    path = getattr(trial, "error_file", None) or ""
-    with contextlib.suppress(OSError):
-        lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
-        return lines[-1][:500] if lines else "trial raised"
-    return "trial raised"
+def _error_text(out: Path, trial_id: str) -> str:
+    """The last line of a failed trial's error file (Ray writes one per trial)."""
+    for path in (out / "tune").glob(f"*/*{trial_id}*/error.txt"):
+        with contextlib.suppress(OSError):
+            lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+            if lines:
+                return lines[-1][:500]
+    return "trial raised (see its error.txt under the tune/ directory)"
 
 
 class FinalRetrain(GridStrategy):
@@ -344,14 +347,9 @@ class Runner:
                 "seed_offset": entry["proposal"]["params"].get("seed_offset", 0)}
 
     def complete(self, trial_id: str, report: dict | None, error: bool) -> None:
-        self.record(trial_id, report, error=error)
-
-    def record(self, trial_id: str, report: dict | None, *, error: bool,
-               message: str = "") -> None:
-        entry = self.live.pop(trial_id, None)
-        if entry is None:  # already recorded (on_trial_error, then on_trial_complete)
-            return
-        result = result_from_report(report, error, message)
+        entry = self.live.pop(trial_id)
+        result = result_from_report(report, error,
+                                    _error_text(self.out, trial_id) if error else "")
         self.strategy.tell(entry["origin"], result)
         wall = time.time() - self.started.get(trial_id, time.time())
         self.store.append(self._row(entry, result, report or {}, wall))

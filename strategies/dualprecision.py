@@ -1,0 +1,140 @@
+"""DualPrecision (Pareto efficiency of quantized CNNs, Sec. 6 and Appendix E).
+
+The optimal weight precision of a layer falls as its fan-in (Cin/groups x Kh x Kw) grows,
+so depthwise convolutions want more bits than every other layer. DualPrecision therefore
+searches two numbers only: one bit-width for the depthwise convolutions and one for all
+other free layers (first and last layer keep the space's pinned bits). Every pair is
+width-aligned to the budget, so the cells compare precisions at matched size; the grid is
+|B| x |B| when the space has depthwise layers and |B| otherwise.
+
+Cost trick (Sec. 6): one precision Pareto-dominates the others across sizes, so the grid can
+be run at a small size (the paper uses the size of the 0.25x 8-bit model) and the winner
+re-aligned to the target. That is the runner's proxy-budget mechanism (``proxy_budget`` in
+the experiment spec): this strategy simply aligns every cell to the budget it is given.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from collections.abc import Sequence
+
+from qsearch import QSearchError
+from qsearch.budget import Budget
+from qsearch.space import Aligned, SearchSpace
+from qsearch.strategy import GridStrategy, Proposal, Result, register_strategy
+
+
+@register_strategy("dualprecision")
+class DualPrecision(GridStrategy):
+    """Grid over (depthwise bits, other bits), each cell width-aligned to the budget.
+
+    Args:
+        bits: the precision set B (default: the space's bit choices). Cells are walked in
+            row-major order of the table: depthwise bits ascending, then other bits ascending.
+
+    ``summary()`` returns the grid as a table like the paper's Table 7 (rows: depthwise bits,
+    columns: other bits; ``None`` where a cell did not produce an accuracy) and the best cell.
+
+    Resume (the :class:`GridStrategy` contract): finished cells are never re-run; cells in
+    flight when the state was saved stay in flight under their trial ids, because the runner
+    runs those trials again after a resume and tells their results under the same ids
+    (``qsearch.tune.Runner.replay``). Proposing them anew as well would train them twice.
+    """
+
+    def __init__(self, space: SearchSpace, budget: Budget, *, seed: int = 0,
+                 bits: Sequence[int] | None = None):
+        super().__init__(space, budget, seed=seed)
+        self.bits = sorted({int(b) for b in (space.bit_choices if bits is None else bits)})
+        bad = [b for b in self.bits if b not in space.bit_choices]
+        if bad or not self.bits:
+            raise QSearchError(
+                f"dualprecision bits {list(bits or [])} not allowed: choose a subset of the "
+                f"space's bit choices {list(space.bit_choices)} (or widen --bit-choices)")
+        self.group_names = list(space.groups)  # "depthwise" (if any), then "other"
+        grid = [dict(zip(self.group_names, combo))
+                for combo in itertools.product(self.bits, repeat=len(self.group_names))]
+        # Align every cell up front: a budget no cell fits is a user error, reported now;
+        # cells that alone cannot fit (e.g. 8/8 at a tiny budget) are shown as infeasible.
+        self.cells: list[dict[str, int]] = []
+        self.aligned: list[Aligned] = []
+        self.infeasible: list[tuple[dict[str, int], str]] = []
+        for cell in grid:
+            try:
+                aligned = space.align(space.candidate(cell), budget)
+            except QSearchError as e:
+                self.infeasible.append((cell, str(e)))
+                continue
+            self.cells.append(cell)
+            self.aligned.append(aligned)
+        if not self.cells:
+            raise QSearchError(f"no dualprecision cell fits the budget {budget}: "
+                               f"{self.infeasible[0][1]}")
+        self.errors: dict[int, str] = {}  # cell index -> why it failed
+
+    def propose(self, cell: dict[str, int]) -> Proposal:
+        i = self.cells.index(cell)
+        return Proposal(self.aligned[i].candidate, params={"cell": dict(cell)})
+
+    def tell(self, trial_id: str, result: Result) -> None:
+        if trial_id not in self.inflight:
+            warnings.warn(f"dualprecision: result for unknown trial {trial_id!r} ignored",
+                          stacklevel=2)
+            return
+        i = self.inflight.pop(trial_id)
+        if result.ok:
+            self.done[i] = float(result.val_acc)
+            self.errors.pop(i, None)
+        else:
+            self.done[i] = float("nan")
+            self.errors[i] = result.error or (
+                f"status {result.status}" if result.status != "ok" else "val_acc is not finite")
+
+    # NaN is not JSON: failed cells are stored as null.
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["done"] = {k: (a if math.isfinite(a) else None) for k, a in state["done"].items()}
+        return {**state, "inflight": dict(self.inflight), "bits": self.bits,
+                "groups": self.group_names,
+                "errors": {str(i): e for i, e in self.errors.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("bits") != self.bits or state.get("groups") != self.group_names:
+            raise QSearchError(
+                f"dualprecision state is for bits {state.get('bits')} over groups "
+                f"{state.get('groups')}, this search has bits {self.bits} over "
+                f"{self.group_names}: resume with the same space and bits")
+        super().load_state_dict({**state, "done": {
+            k: (float("nan") if a is None else a) for k, a in state["done"].items()}})
+        self.errors = {int(i): e for i, e in state.get("errors", {}).items()}
+
+    # ----- results ---------------------------------------------------------------------
+    def _status(self, i: int) -> str:
+        if i in self.done:
+            return "ok" if math.isfinite(self.done[i]) else "failed"
+        return "running" if i in self.inflight.values() else "pending"
+
+    def summary(self) -> dict:
+        """The grid table (rows: depthwise bits, columns: other bits) and the best cell."""
+        rows = self.bits if "depthwise" in self.group_names else [None]
+        cols = self.bits if "other" in self.group_names else [None]
+        table = [[None] * len(cols) for _ in rows]
+        cells = []
+        for i, (cell, aligned) in enumerate(zip(self.cells, self.aligned)):
+            status = self._status(i)
+            acc = self.done[i] if status == "ok" else None
+            table[rows.index(cell.get("depthwise"))][cols.index(cell.get("other"))] = acc
+            cells.append({**cell, "status": status, "val_acc": acc,
+                          "width": aligned.candidate.width, "cost": aligned.cost,
+                          "budget_ratio": aligned.ratio, "error": self.errors.get(i)})
+        cells += [{**cell, "status": "infeasible", "val_acc": None, "error": why}
+                  for cell, why in self.infeasible]
+        ok = [i for i in range(len(self.cells)) if self._status(i) == "ok"]
+        best = None
+        if ok:
+            i = max(ok, key=lambda j: self.done[j])  # first in grid order on ties
+            best = {**self.cells[i], "val_acc": self.done[i],
+                    "candidate": self.aligned[i].candidate.to_dict()}
+        return {"rows": "depthwise", "cols": "other", "row_bits": rows, "col_bits": cols,
+                "table": table, "cells": cells, "best": best, "budget": str(self.budget)}
