@@ -184,6 +184,25 @@ def cmd_results(args) -> None:
               f"{r['wall_seconds'] or 0:>7.1f} {r['error'] or r['node'] or ''}")
 
 
+def cmd_export(args) -> None:
+    from qsearch.export import export_experiment
+
+    train = {}
+    if args.steps is not None:
+        train = {"steps": args.steps, "epochs": None}
+    elif args.epochs is not None:
+        train = {"epochs": args.epochs, "steps": None}
+    r = export_experiment(args.dir, args.output, train=train)
+    print(f"wrote {r['path']}: {r['total_bytes']:,} bytes = codes {r['code_bytes']:,} "
+          f"(C_size/8 = {r['c_size_bytes']:,.0f}, {r['code_bytes'] / r['c_size_bytes']:.4f}x)"
+          f" + scales {r['scale_bytes']:,} + float params {r['float_bytes']:,} + header "
+          f"{r['metadata_bytes']:,}")
+    print(f"test accuracy {r['test_acc']:.2%}; reloaded model predicts identically on the "
+          f"test split: {'yes' if r['identical'] else 'NO'}")
+    if not r["identical"]:
+        raise SystemExit(1)
+
+
 def cmd_leaderboard(args) -> None:
     from qsearch.leaderboard import format_leaderboard, leaderboard, load_experiments
 
@@ -249,6 +268,14 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("dir")
     rs.add_argument("--json", action="store_true")
     rs.set_defaults(fn=cmd_results)
+
+    ex = sub.add_parser("export", help="train an experiment's final candidate and write it "
+                        "as a packed file (codes at their bit-width + scales)")
+    ex.add_argument("dir", help="experiment directory (with final.json)")
+    ex.add_argument("-o", "--output", help="file (default DIR/model.safetensors)")
+    ex.add_argument("--steps", type=int, help="training steps (default: the final recipe)")
+    ex.add_argument("--epochs", type=float)
+    ex.set_defaults(fn=cmd_export)
 
     lb = sub.add_parser("leaderboard", help="compare strategies at matched size")
     lb.add_argument("dirs", nargs="+", help="experiment directories")

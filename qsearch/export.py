@@ -254,3 +254,54 @@ def load_model(path: str | os.PathLike, build_fn: Callable[[str], nn.Module]) ->
             "same architecture"
         )
     return model.eval()
+
+
+def export_experiment(out: str | os.PathLike, path: str | os.PathLike | None = None, *,
+                      train: dict | None = None, threads: int | None = None) -> dict:
+    """Train an experiment's final candidate (``final.json``) with its final recipe, write
+    the packed file, load it back and check it predicts identically on the test split.
+
+    Returns the byte breakdown plus ``c_size_bytes`` (C_size/8 of the quantized layers),
+    ``test_acc`` and ``identical`` (predictions of the reloaded model equal the trained
+    one's on every test image).
+    """
+    from qsearch.candidate import FLOAT_BITS, Candidate
+    from qsearch.data import load_dataset
+    from qsearch.spec import Spec
+    from qsearch.train import TrainConfig, evaluate, set_threads
+    from qsearch.tune import space_from_spec
+
+    out = Path(out)
+    if not (out / "final.json").exists() or not (out / "spec.json").exists():
+        raise QSearchError(f"{str(out)!r} has no final candidate (final.json): export the "
+                           "--out directory of a finished `qsearch run`")
+    spec = Spec.from_dict(json.loads((out / "spec.json").read_text()))
+    cand = Candidate.from_dict(json.loads((out / "final.json").read_text())["candidate"])
+    space = space_from_spec(spec)
+    set_threads(threads or os.cpu_count() or 1)
+    config = TrainConfig.recipe(spec.dataset, **{**spec.final_train, **(train or {}),
+                                                 "seed": spec.seed})
+    splits = load_dataset(spec.dataset, seed=spec.seed, **spec.data)
+    torch.manual_seed(spec.seed)
+    model = space.build(cand)
+    quantize_model(model, space.layer_bits(cand), cand.a_bits)
+
+    def progress(m: dict, _state) -> None:
+        print(f"  step {m['step']} train loss {m['train_loss']:.3f} val acc "
+              f"{m.get('val_acc') or float('nan'):.2%}", flush=True)
+
+    from qsearch.train import train as train_model
+
+    train_model(model, splits, config, callback=progress)
+    path = Path(path or out / "model.safetensors")
+    sizes = export_model(model, cand.to_json(), path, layer_names=[l.name for l in space.layers])
+    test = splits.test
+    model.eval()
+    loaded = load_model(path, lambda js: space.build(Candidate.from_json(js)))
+    with torch.no_grad():
+        same = all(torch.equal(model(x).argmax(1), loaded(x).argmax(1))
+                   for x, _ in test.batches(512))
+    quantized = [b < FLOAT_BITS for b in cand.w_bits]
+    c_size = sum(b * n for b, n, q in zip(cand.w_bits, space.params(cand), quantized) if q)
+    return {**sizes, "c_size_bytes": c_size / 8, "test_acc": evaluate(model, test)[0],
+            "identical": same, "path": str(path)}

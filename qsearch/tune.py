@@ -406,9 +406,15 @@ class Runner:
         best_txt = (f"best val {best['val_acc']:.2%} at {format_cost(best['c_size'], 'size')}"
                     if best else "best val -")
         elapsed = time.time() - self.t0
+        mem = f" | driver rss {_rss_mib()} MiB" if os.environ.get("QSEARCH_MEMORY_LOG") else ""
         print(f"[{time.strftime('%H:%M:%S')}] trials done {len(rows) - failed}, running "
               f"{len(self.live)}, failed {failed} | {best_txt} | elapsed "
-              f"{int(elapsed // 60)}m{int(elapsed % 60):02d}s", flush=True)
+              f"{int(elapsed // 60)}m{int(elapsed % 60):02d}s{mem}", flush=True)
+
+
+def _rss_mib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) // 1024 for ln in f if ln.startswith("VmRSS"))
 
 
 def _budget_text(b: Budget) -> str:

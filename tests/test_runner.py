@@ -5,6 +5,7 @@ Runs on the tiny synthetic dataset so each trial trains in about a second.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -45,6 +46,11 @@ def test_search_end_to_end(tmp_path):
     assert "Traceback" not in r.stdout + r.stderr
     shown = qsearch("results", str(out))
     assert shown.returncode == 0 and shown.stdout.count("\n") == 5
+    exported = qsearch("export", str(out), "--steps", "10")
+    assert exported.returncode == 0, exported.stderr
+    assert "predicts identically on the test split: yes" in exported.stdout
+    codes, c_size = re.search(r"codes ([\d,]+) \(C_size/8 = ([\d,]+)", exported.stdout).groups()
+    assert abs(int(codes.replace(",", "")) / int(c_size.replace(",", "")) - 1) < 0.01
 
 
 def test_proxy_budget_rescales_the_winner(tmp_path):
