@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import math
 import pkgutil
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -107,19 +108,26 @@ class Strategy(ABC):
         return self.space.align(cand, self.budget).candidate
 
 
+def failure_reason(result: Result) -> str:
+    return result.error or (f"status {result.status}" if result.status != "ok"
+                            else "val_acc is not finite")
+
+
 class GridStrategy(Strategy):
     """Proposes each cell of a fixed list once, then FINISHED.
 
     Subclasses set ``self.cells`` (JSON-able values) and implement ``propose(cell)``.
     Cells in flight are part of the state: on resume the runner continues those trials
-    under the same ids and tells their results.
+    under the same ids and tells their results. ``done`` maps a cell index to its
+    accuracy (NaN = failed, with the reason in ``errors``).
     """
 
     cells: list
 
     def __init__(self, space: SearchSpace, budget: Budget, *, seed: int = 0):
         super().__init__(space, budget, seed=seed)
-        self.done: dict[int, float | None] = {}  # cell index -> val_acc (None = failed)
+        self.done: dict[int, float] = {}
+        self.errors: dict[int, str] = {}
         self.inflight: dict[str, int] = {}
 
     @abstractmethod
@@ -134,22 +142,31 @@ class GridStrategy(Strategy):
         return self.propose(self.cells[todo[0]])
 
     def tell(self, trial_id: str, result: Result) -> None:
+        if trial_id not in self.inflight:
+            warnings.warn(f"{self.name}: result for unknown trial {trial_id!r} ignored",
+                          stacklevel=2)
+            return
         i = self.inflight.pop(trial_id)
-        self.done[i] = result.val_acc if result.ok else None  # strict JSON: no NaN
+        self.done[i] = float(result.val_acc) if result.ok else float("nan")
+        if result.ok:
+            self.errors.pop(i, None)
+        else:
+            self.errors[i] = failure_reason(result)
 
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "done": {str(i): a for i, a in self.done.items()},
-                "inflight": self.inflight}
+    def state_dict(self) -> dict:  # NaN is not JSON: failed cells are stored as null
+        return {**super().state_dict(), "inflight": dict(self.inflight),
+                "done": {str(i): a if math.isfinite(a) else None for i, a in self.done.items()},
+                "errors": {str(i): e for i, e in self.errors.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.done = {int(i): a for i, a in state["done"].items()}
+        self.done = {int(i): float("nan") if a is None else a for i, a in state["done"].items()}
+        self.errors = {int(i): e for i, e in state.get("errors", {}).items()}
         self.inflight = dict(state["inflight"])
 
     def results(self) -> list[tuple[Any, float]]:
-        """(cell, accuracy) for every finished cell, in grid order (nan = failed)."""
-        return [(self.cells[i], float("nan") if self.done[i] is None else self.done[i])
-                for i in sorted(self.done)]
+        """(cell, accuracy) for every finished cell, in grid order (NaN = failed)."""
+        return [(self.cells[i], self.done[i]) for i in sorted(self.done)]
 
 
 # ----- registry -----------------------------------------------------------------------

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import itertools
 import math
-import warnings
 from collections.abc import Sequence
 
 from qsearch import QSearchError
 from qsearch.budget import Budget
 from qsearch.space import Aligned, SearchSpace
-from qsearch.strategy import GridStrategy, Proposal, Result, register_strategy
+from qsearch.strategy import GridStrategy, Proposal, register_strategy
 
 
 @register_strategy("dualprecision")
@@ -71,33 +70,13 @@ class DualPrecision(GridStrategy):
         if not self.cells:
             raise QSearchError(f"no dualprecision cell fits the budget {budget}: "
                                f"{self.infeasible[0][1]}")
-        self.errors: dict[int, str] = {}  # cell index -> why it failed
 
     def propose(self, cell: dict[str, int]) -> Proposal:
         i = self.cells.index(cell)
         return Proposal(self.aligned[i].candidate, params={"cell": dict(cell)})
 
-    def tell(self, trial_id: str, result: Result) -> None:
-        if trial_id not in self.inflight:
-            warnings.warn(f"dualprecision: result for unknown trial {trial_id!r} ignored",
-                          stacklevel=2)
-            return
-        i = self.inflight.pop(trial_id)
-        if result.ok:
-            self.done[i] = float(result.val_acc)
-            self.errors.pop(i, None)
-        else:
-            self.done[i] = float("nan")
-            self.errors[i] = result.error or (
-                f"status {result.status}" if result.status != "ok" else "val_acc is not finite")
-
-    # NaN is not JSON: failed cells are stored as null.
     def state_dict(self) -> dict:
-        state = super().state_dict()
-        state["done"] = {k: (a if math.isfinite(a) else None) for k, a in state["done"].items()}
-        return {**state, "inflight": dict(self.inflight), "bits": self.bits,
-                "groups": self.group_names,
-                "errors": {str(i): e for i, e in self.errors.items()}}
+        return {**super().state_dict(), "bits": self.bits, "groups": self.group_names}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("bits") != self.bits or state.get("groups") != self.group_names:
@@ -105,9 +84,7 @@ class DualPrecision(GridStrategy):
                 f"dualprecision state is for bits {state.get('bits')} over groups "
                 f"{state.get('groups')}, this search has bits {self.bits} over "
                 f"{self.group_names}: resume with the same space and bits")
-        super().load_state_dict({**state, "done": {
-            k: (float("nan") if a is None else a) for k, a in state["done"].items()}})
-        self.errors = {int(i): e for i, e in state.get("errors", {}).items()}
+        super().load_state_dict(state)
 
     # ----- results ---------------------------------------------------------------------
     def _status(self, i: int) -> str:

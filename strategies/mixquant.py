@@ -51,7 +51,7 @@ from qsearch import QSearchError
 from qsearch.budget import Budget, format_cost
 from qsearch.candidate import Candidate
 from qsearch.space import SearchSpace
-from qsearch.strategy import FINISHED, Proposal, Result, Strategy, register_strategy
+from qsearch.strategy import FINISHED, Proposal, Result, Strategy, failure_reason, register_strategy
 from qsearch.tasks import TaskContext, cost_metrics, register_task
 
 if TYPE_CHECKING:
@@ -418,12 +418,9 @@ class MixQuant(Strategy):
                           stacklevel=2)
             return
         i = self.inflight.pop(trial_id)
-        if result.ok:
-            self.done[i] = float(result.val_acc)
-            self.errors.pop(i, None)
-        else:
-            self.done[i] = float("nan")
-            self.errors[i] = result.error or f"status {result.status}"
+        self.done[i] = float(result.val_acc) if result.ok else float("nan")
+        if not result.ok:
+            self.errors[i] = failure_reason(result)
 
     def _tell_float(self, result: Result) -> None:
         m = result.metrics or {}
