@@ -63,13 +63,13 @@ def test_candidate_too_large_for_memory_is_refused_before_training(tmp_path):
 
 def test_worker_node_dies_mid_trial(ray_cluster, tmp_path):
     out = tmp_path / "worker-dies"
-    cmd = [*QS, "run", "--strategy", "random", "--budget", "6KB", "--dataset", "synthetic",
-           "--batch-size", "32", "--steps", "600", "--trials", "2", "--concurrency", "2",
-           "--address", ray_cluster.address, "--out", str(out)]
     recipe = tmp_path / "r.yaml"
     recipe.write_text("train: {steps: 600, batch_size: 32, eval_every_steps: 40}\n")
-    proc = subprocess.Popen([*cmd[:3], str(recipe), *cmd[3:]], env=ray_cluster.env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cmd = [*QS, "run", str(recipe), "--strategy", "random", "--budget", "6KB", "--dataset",
+           "synthetic", "--trials", "2", "--concurrency", "2", "--address",
+           ray_cluster.address, "--out", str(out)]
+    proc = subprocess.Popen(cmd, env=ray_cluster.env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     # both trials (one per node) have written a checkpoint: kill the worker node's raylet
     wait_for(lambda: len({p.parent for p in checkpoints(out)}) >= 2, 240, "checkpoints")
     raylets = [p for p in pids_using(ray_cluster.tmp)
