@@ -74,6 +74,7 @@ class Strategy(ABC):
     """
 
     name: ClassVar[str]
+    max_trials: int | None = None  # the search's trial limit, set by the runner before asking
 
     def __init__(self, space: SearchSpace, budget: Budget, *, seed: int = 0):
         self.space, self.budget, self.seed = space, budget, seed

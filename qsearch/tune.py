@@ -306,6 +306,7 @@ class Runner:
         self.strategy = strategy or create_strategy(
             spec.strategy, self.space, self.budgets.search, seed=spec.seed,
             **spec.strategy_kwargs)
+        self.strategy.max_trials = spec.trials
         self.store = ResultsStore(out)
         self.state_file = StateFile(out, stage)
         self.live: dict[str, dict] = {}  # trial id -> {"index", "proposal", "origin"}
@@ -677,11 +678,11 @@ def summarize(runner: Runner) -> None:
     print(f"best: {best['strategy']} trial {best['trial_index']} val acc "
           f"{best['val_acc']:.2%} at {format_cost(best['c_size'], 'size')} "
           f"(width {best['width']:.4g}, search budget {b.search})")
-    if b.reason:
-        print(f"final candidate at target {b.target}: width {cand.width:.4g}, "
-              f"C_size {format_cost(space.c_size(cand), 'size')} "
-              f"({cost / b.target.value:.2%} of the budget), "
-              f"BitOPs {format_cost(space.bitops(cand), 'bitops')}")
+    where = f"re-aligned to the target {b.target}" if b.reason else f"at the budget {b.target}"
+    print(f"final candidate {where}: width {cand.width:.4g}, C_size "
+          f"{format_cost(space.c_size(cand), 'size')} ({space.c_size(cand):.6g} bits, "
+          f"{cost / b.target.value:.2%} of the budget), BitOPs "
+          f"{format_cost(space.bitops(cand), 'bitops')}")
     print(f"bits per layer: {bit_summary(cand.w_bits, space)}")
     (runner.out / "final.json").write_text(json.dumps({
         "candidate": cand.to_dict(), "c_size": space.c_size(cand),
