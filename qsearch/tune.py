@@ -76,7 +76,7 @@ def plan_budgets(spec: Spec, space: SearchSpace) -> Budgets:
     meaningful). A larger target is searched at that proxy and the winner is re-aligned.
     """
     target = parse_budget(spec.budget)
-    space.align(space.candidate(max(space.bit_choices)), target)  # errors if below minimum
+    space.align(space.candidate(min(space.bit_choices)), target)  # errors if below minimum
     if spec.proxy_budget in (None, "none", "off"):
         return Budgets(target, target, None)
     if spec.proxy_budget == "auto":
@@ -94,7 +94,7 @@ def plan_budgets(spec: Spec, space: SearchSpace) -> Budgets:
     if proxy.value > target.value:
         raise QSearchError(f"proxy budget {spec.proxy_budget} exceeds the target "
                            f"{spec.budget}: a proxy must be smaller")
-    space.align(space.candidate(max(space.bit_choices)), proxy)
+    space.align(space.candidate(min(space.bit_choices)), proxy)
     return Budgets(target, proxy, "set by --proxy-budget")
 
 
