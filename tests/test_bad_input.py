@@ -58,6 +58,7 @@ YAML_CASES = [  # (recipe text, expected message part)
     ("budget: 6KB\nmatrix: {budget: 6KB}\n", "matrix key 'budget' must be a non-empty list"),
     ("budget: 6KB\ndata: {rooot: /x}\n", "unknown data settings ['rooot']"),
     ("budget: 6KB\nversion: 7\n", "spec version 7 not supported"),
+    ("budget: !!python/object/apply:os.system ['touch /tmp/pwned']\n", "not valid YAML"),
 ]
 
 

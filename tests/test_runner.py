@@ -76,6 +76,20 @@ def test_second_run_in_same_directory_is_refused(tmp_path):
     assert len(rows(out)) == 1
 
 
+def test_second_run_while_the_first_is_running_is_refused(tmp_path):
+    out = tmp_path / "busy"
+    first = subprocess.Popen([*QS, "run", "--strategy", "uniform", "--budget", "6KB", *TINY,
+                              "--trials", "2", "--out", str(out)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "spec.json").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    r = qsearch("run", "--strategy", "random", "--budget", "6KB", *TINY, "--out", str(out))
+    assert first.wait(timeout=300) == 0
+    assert r.returncode == 2 and "qsearch resume" in r.stderr
+    assert set(rows(out).strategy) == {"uniform"}
+
+
 def test_resume_after_driver_killed(tmp_path):
     out = tmp_path / "resume"
     cmd = [*QS, "run", "--strategy", "uniform", "--budget", "6KB", *TINY[:-4],
