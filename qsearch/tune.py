@@ -182,9 +182,9 @@ def _float(x) -> float:
     return float("nan") if x is None else float(x)
 
 
-def result_from_report(report: dict | None, error: bool, message: str = "") -> Result:
+def result_from_report(report: dict | None, error: bool) -> Result:
     if error or not report or not report.get("final"):
-        return Result("failed", error=message or "trial raised (see the Ray trial log)")
+        return Result("failed", error="trial raised")
     cand = Candidate.from_json(report["candidate"]) if report.get("candidate") else None
     acc = float(report["val_acc"])
     status = report["status"] if math.isfinite(acc) or report["status"] != "ok" else "diverged"
@@ -255,17 +255,19 @@ def _callback_class():
         def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
             self.runner.checkpoints[trial.trial_id] = checkpoint.path
 
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.runner.errored(trial.trial_id, _error_text(trial))
+
     return Progress
 
 
-def _error_text(out: Path, trial_id: str) -> str:
-    """The last line of a failed trial's error file (Ray writes one per trial)."""
-    for path in (out / "tune").glob(f"*/*{trial_id}*/error.txt"):
-        with contextlib.suppress(OSError):
-            lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-            if lines:
-                return lines[-1][:500]
-    return "trial raised (see its error.txt under the tune/ directory)"
+def _error_text(trial) -> str:
+    """The last line of a failed trial's error file (Ray writes it before telling us)."""
+    with contextlib.suppress(OSError, TypeError):
+        lines = [ln for ln in Path(trial.error_file).read_text().splitlines() if ln.strip()]
+        if lines:
+            return lines[-1][:500]
+    return "trial raised (see error.txt in its directory under tune/)"
 
 
 class FinalRetrain(GridStrategy):
@@ -313,6 +315,7 @@ class Runner:
         self.replay: list[tuple[str, dict]] = []  # trials to run again after a resume
         self.checkpoints: dict[str, str] = {}
         self.started: dict[str, float] = {}
+        self.awaiting_error: dict[str, tuple[dict, float]] = {}
         self.next_index = 0
         self.t0 = time.time()
         self.experiment_id = spec.name or out.name
@@ -348,14 +351,23 @@ class Runner:
                 "seed_offset": entry["proposal"]["params"].get("seed_offset", 0)}
 
     def complete(self, trial_id: str, report: dict | None, error: bool) -> None:
+        """A trial ended (searcher side): tell the strategy, store the row. A trial that
+        raised is stored by ``errored``, which Ray calls next with its error text."""
         entry = self.live.pop(trial_id)
-        result = result_from_report(report, error,
-                                    _error_text(self.out, trial_id) if error else "")
+        result = result_from_report(report, error)
         self.strategy.tell(entry["origin"], result)
         wall = time.time() - self.started.get(trial_id, time.time())
-        self.store.append(self._row(entry, result, report or {}, wall))
+        if error:
+            self.awaiting_error[trial_id] = (entry, wall)
+        else:
+            self.store.append(self._row(entry, result, report or {}, wall))
         self.save_state()
-        self.progress(result)
+        self.progress()
+
+    def errored(self, trial_id: str, message: str) -> None:
+        entry, wall = self.awaiting_error.pop(trial_id)
+        self.store.append(self._row(entry, Result("failed", error=message), {}, wall))
+        self.progress()
 
     def _row(self, entry: dict, result: Result, report: dict, wall: float) -> dict:
         cand, m = result.candidate, result.metrics
@@ -398,7 +410,7 @@ class Runner:
               and r["val_acc"] is not None and math.isfinite(r["val_acc"])]
         return max(ok, key=lambda r: r["val_acc"]) if ok else None
 
-    def progress(self, result: Result | None = None) -> None:
+    def progress(self) -> None:
         if self.quiet:
             return
         rows = self.rows()

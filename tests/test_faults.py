@@ -130,3 +130,22 @@ def test_driver_dies_then_resume_finishes_every_strategy(name, tmp_path):
     state_after = json.loads((out / "state.json").read_text())
     assert state_after["next_index"] >= state_before["next_index"]
     assert state_after["live"] == {}
+
+
+def test_a_raising_trial_is_recorded_with_its_error_and_the_search_goes_on(tmp_path):
+    root = tmp_path / "broken"
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(4):
+                (root / split / cls / f"{i}.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "raises"
+    r = qsearch("run", "--strategy", "random", "--budget", "200KB", "--model", "resnet20",
+                "--dataset", "imagefolder", "--data-root", str(root), "--steps", "2",
+                "--batch-size", "4",
+                "--trials", "2", "--max-failures", "0", "--out", str(out), timeout=300)
+    assert r.returncode == 1 and "no trial succeeded" in r.stderr
+    df = rows(out)
+    assert len(df) == 2 and set(df.status) == {"failed"}  # both trials ran and were told
+    assert df.error.str.contains("UnidentifiedImageError|cannot identify image").all()
+    assert json.loads((out / "state.json").read_text())["live"] == {}
