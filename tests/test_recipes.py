@@ -1,0 +1,25 @@
+"""Every recipe in experiments/ parses, expands its matrix and dry-runs (nothing trained,
+nothing written)."""
+
+from pathlib import Path
+
+import pytest
+
+from qsearch.cli import main
+
+RECIPES = sorted(Path(__file__).parent.parent.glob("experiments/*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_recipe_dry_runs(recipe, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # recipes write under runs/: a dry run must not
+    assert main(["run", str(recipe), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    experiments = max(1, out.count("== experiment "))
+    assert out.count("plan: ") == experiments and "task " in out
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_recipes_are_all_there():
+    assert {r.stem for r in RECIPES} >= {"leaderboard-fmnist", "bitwidth-ordering",
+                                         "depthwise", "imagenet-table3"}
