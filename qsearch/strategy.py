@@ -114,6 +114,16 @@ def failure_reason(result: Result) -> str:
                             else "val_acc is not finite")
 
 
+def record_result(done: dict[int, float], errors: dict[int, str], i: int,
+                  result: Result) -> None:
+    """Cell ``i``'s accuracy into ``done`` (NaN when failed, with the reason in ``errors``)."""
+    done[i] = float(result.val_acc) if result.ok else float("nan")
+    if result.ok:
+        errors.pop(i, None)
+    else:
+        errors[i] = failure_reason(result)
+
+
 class GridStrategy(Strategy):
     """Proposes each cell of a fixed list once, then FINISHED.
 
@@ -147,12 +157,7 @@ class GridStrategy(Strategy):
             warnings.warn(f"{self.name}: result for unknown trial {trial_id!r} ignored",
                           stacklevel=2)
             return
-        i = self.inflight.pop(trial_id)
-        self.done[i] = float(result.val_acc) if result.ok else float("nan")
-        if result.ok:
-            self.errors.pop(i, None)
-        else:
-            self.errors[i] = failure_reason(result)
+        record_result(self.done, self.errors, self.inflight.pop(trial_id), result)
 
     def state_dict(self) -> dict:  # NaN is not JSON: failed cells are stored as null
         return {**super().state_dict(), "inflight": dict(self.inflight),

@@ -300,7 +300,6 @@ class Runner:
                  quiet: bool = False):
         self.spec, self.out, self.stage, self.quiet = spec, out, stage, quiet
         self.space = space_from_spec(spec)
-        validate_run_settings(spec)
         self.budgets = plan_budgets(spec, self.space)
         if stage == "final":
             self.budgets = Budgets(self.budgets.target, self.budgets.target, None)
@@ -546,7 +545,8 @@ def run_experiment(spec: Spec) -> Runner:
     if (out / SPEC_FILE).exists():
         raise QSearchError(f"{out} already holds an experiment: `qsearch resume {out}` to "
                            "continue it, or choose another --out")
-    runner = Runner(spec, out)  # validates everything before anything is written
+    validate_run_settings(spec)  # everything is checked before anything is written
+    runner = Runner(spec, out)
     init_ray(spec.address, out)
     with _lock(out):
         if (out / SPEC_FILE).exists():
@@ -569,6 +569,7 @@ def resume_experiment(out: Path) -> Runner:
         raise QSearchError(f"{spec_path} is corrupted: the experiment cannot resume") from None
     with _lock(out):
         state = StateFile(out).load()
+        validate_run_settings(spec)
         runner = Runner(spec, out, state=state)
         init_ray(spec.address, out)
         return _drive(runner, resumed=True)

@@ -51,7 +51,14 @@ from qsearch import QSearchError
 from qsearch.budget import Budget, format_cost
 from qsearch.candidate import Candidate
 from qsearch.space import SearchSpace
-from qsearch.strategy import FINISHED, Proposal, Result, Strategy, failure_reason, register_strategy
+from qsearch.strategy import (
+    FINISHED,
+    Proposal,
+    Result,
+    Strategy,
+    record_result,
+    register_strategy,
+)
 from qsearch.tasks import TaskContext, cost_metrics, register_task
 
 if TYPE_CHECKING:
@@ -417,10 +424,7 @@ class MixQuant(Strategy):
             warnings.warn(f"mixquant: result for unknown trial {trial_id!r} ignored",
                           stacklevel=2)
             return
-        i = self.inflight.pop(trial_id)
-        self.done[i] = float(result.val_acc) if result.ok else float("nan")
-        if not result.ok:
-            self.errors[i] = failure_reason(result)
+        record_result(self.done, self.errors, self.inflight.pop(trial_id), result)
 
     def _tell_float(self, result: Result) -> None:
         m = result.metrics or {}
