@@ -4,7 +4,8 @@ One QEM over bit-widths 2..8 = the QE table (every conv/fc weight at every bit-w
 int8 baseline included) plus Eq. (1). Ten QEMs reuse the table, so they add ten bit
 selections. torchvision ResNets/ResNeXts with random weights (``weights=None``; the time does
 not depend on the values), ``torch.set_num_threads(1)``, median of ``--repeats`` runs after one
-warm-up. The paper's figures (Table 3a/3b, "search" columns) are copied below; the paper
+warm-up (the warm-up also pays numba's one-time compilation of the QE loop, ~1 s, cached
+on disk afterwards). The paper's figures (Table 3a/3b, "search" columns) are copied below; the paper
 quantizes per layer (per tensor), which is our ``--per-tensor`` column.
 
     python benchmarks/bench_mixquant.py [--repeats 5] [--models resnet18,resnet50]

@@ -12,9 +12,10 @@ bit-width", Sec. 4). Read literally, ``argmin quantErrors`` would always return 
 text and Table 2 make clear the minimum is over bit-widths. A larger QEM gives fewer bits.
 
 The vectorised pieces are pure functions: :func:`qe_table` computes the whole
-``[layers, 7]`` QE table (a few fused tensor ops per cache-sized block, all bit-widths at
-once) and :func:`mixquant_bits` applies Eq. (1) to it for one QEM (a numpy comparison), so a
-QEM sweep costs one table. The quantizer is pluggable: ``"asym"`` is the vanilla asymmetric
+``[layers, 7]`` QE table (on a CPU one compiled, SIMD loop per row and bit-width while the
+row sits in L1; on a GPU a few tensor ops per block, all bit-widths at once) and
+:func:`mixquant_bits` applies Eq. (1) to it for one QEM (a numpy comparison), so a QEM
+sweep costs one table. The quantizer is pluggable: ``"asym"`` is the vanilla asymmetric
 min/max quantizer of Listing 1 (:func:`qsearch.quant.asym_quantize`), per output channel or
 per tensor; any other weight scheme of :mod:`qsearch.quant`, or a callable, goes through a
 plain per-layer loop.
@@ -132,8 +133,29 @@ def _asym_qe(x: Tensor, levels: Tensor, per_channel: bool) -> np.ndarray:
 
     The range [lo, hi] includes 0 and the zero point is an integer, so the dequantized
     values are the multiples of s = (hi - lo) / L (L = 2^b - 1) inside the range and the
-    error of an element is s x (t - round(t)) with t = x / s: clamping never binds. With
-    u = x / (hi - lo) + 3/2 and L odd, frac(L u) = t - round(t) + 1/2 exactly (L x 3/2 is
+    error of an element is s x (t - round(t)) with t = x / s: clamping never binds. So
+    QE = sum over rows of s_row^2 x sum_j (t - round(t))^2, divided by the element count.
+    On a CPU a compiled loop sums the squared residuals (:mod:`._qe_kernel`); elsewhere
+    (CUDA weights) :func:`_asym_qe_torch` does it with tensor ops.
+    """
+    if x.device.type != "cpu":
+        return _asym_qe_torch(x, levels, per_channel)
+    from qsearch.strategies._qe_kernel import residual_sq_sums
+
+    x = x.contiguous().numpy()
+    lo, hi = (x.min(1), x.max(1)) if per_channel else (x.min(), x.max())
+    span = np.broadcast_to(np.maximum(hi, 0) - np.minimum(lo, 0), len(x)).astype(np.float64)
+    inv = 1 / np.maximum(span, 1e-30)  # an all-zero row needs a finite 1/span: t = 0
+    lv = levels.double().numpy()
+    sums = np.empty((len(x), len(lv)))
+    residual_sq_sums(x, inv.astype(np.float32), lv.astype(np.float32), sums)
+    return (span**2 @ sums) / (lv**2 * x.size)
+
+
+def _asym_qe_torch(x: Tensor, levels: Tensor, per_channel: bool) -> np.ndarray:
+    """:func:`_asym_qe` with tensor ops, for weights on a GPU.
+
+    With u = x / (hi - lo) + 3/2 and L odd, frac(L u) = t - round(t) + 1/2 exactly (L x 3/2 is
     an integer plus 1/2) and L u > 0, so one multiply and one ``frac`` per element and
     bit-width give the residual; per row, sum (frac - 1/2)^2 = sum frac^2 - sum frac + d/4
     comes from a norm and a sum. All bit-widths are done on one block before the next.

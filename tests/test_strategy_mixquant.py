@@ -19,6 +19,7 @@ from qsearch.quant import quant_error
 from qsearch.space import SearchSpace
 from qsearch.strategies.mixquant import (
     MIXQUANT_BITS,
+    _asym_qe_torch,
     mixquant_bits,
     qe_table,
     qem_breakpoints,
@@ -87,6 +88,16 @@ def test_vectorised_matches_reference_algorithm(weights, per_channel):
         assert bits == reference_mixquant(weights, qem, per_channel=per_channel), qem
         picked.update(bits)
     assert len(picked) >= 5  # the fixture and QEMs exercise most of B
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_tensor_op_path_matches_compiled_path(weights, per_channel):
+    """The GPU path (tensor ops) and the CPU path (compiled loop) compute the same QE."""
+    levels = torch.tensor([2.0**b - 1 for b in MIXQUANT_BITS])
+    for w in weights:
+        x = w.reshape(w.shape[0], -1)
+        np.testing.assert_allclose(_asym_qe_torch(x, levels, per_channel),
+                                   qe_table([w], per_channel=per_channel)[0], rtol=1e-4)
 
 
 def test_qe_is_monotone_in_bits(weights):

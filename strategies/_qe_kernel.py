@@ -1,0 +1,39 @@
+"""MixQuant's QE on a CPU: one compiled loop per row and bit-width (numba).
+
+Imported only by :func:`qsearch.strategies.mixquant.qe_table` for CPU weights, so numba's
+import (~0.3 s) and the first call's compilation (cached on disk after that) are paid only
+by a MixQuant search.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+_BLOCK = 1024  # float32 partial sums over at most this many elements, then float64
+
+
+@numba.njit(fastmath=True, cache=True, nogil=True, error_model="numpy")
+def residual_sq_sums(x: np.ndarray, inv_span: np.ndarray, levels: np.ndarray,
+                     out: np.ndarray) -> None:
+    """``out[r, k] = sum_j (t - rint(t))^2`` with ``t = x[r, j] x levels[k] x inv_span[r]``.
+
+    This is the squared rounding residual of every element of row ``r`` on the grid of step
+    span / L (see ``_asym_qe`` in mixquant.py for why no clamp is needed); the row stays in
+    L1 across the bit-widths and each pass is multiply, round, subtract and fused
+    multiply-add, vectorised by LLVM.
+    """
+    rows, d = x.shape
+    for r in range(rows):
+        row = x[r]
+        for k in range(levels.shape[0]):
+            c = levels[k] * inv_span[r]
+            total = 0.0
+            for j0 in range(0, d, _BLOCK):
+                acc = np.float32(0.0)
+                for j in range(j0, min(j0 + _BLOCK, d)):
+                    t = row[j] * c
+                    g = t - np.rint(t)
+                    acc += g * g
+                total += acc
+            out[r, k] = total
