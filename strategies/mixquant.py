@@ -143,8 +143,9 @@ def _asym_qe(x: Tensor, levels: Tensor, per_channel: bool) -> np.ndarray:
     from qsearch.strategies._qe_kernel import residual_sq_sums
 
     x = x.contiguous().numpy()
-    lo, hi = (x.min(1), x.max(1)) if per_channel else (x.min(), x.max())
-    span = np.broadcast_to(np.maximum(hi, 0) - np.minimum(lo, 0), len(x)).astype(np.float64)
+    if not per_channel:
+        x = x.reshape(1, -1)
+    span = (np.maximum(x.max(1), 0) - np.minimum(x.min(1), 0)).astype(np.float64)
     inv = 1 / np.maximum(span, 1e-30)  # an all-zero row needs a finite 1/span: t = 0
     lv = levels.double().numpy()
     sums = np.empty((len(x), len(lv)))
