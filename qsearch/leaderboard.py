@@ -149,7 +149,7 @@ def _entry(rows: pd.DataFrame, lo: float, hi: float) -> dict[str, Any]:
         "n_seeds": len(accs),
         "search_val_acc": float(best["val_acc"]) if best is not None else None,
         "trials": len(search), "cpu_hours": float(wall.sum()) * cpus / 3600,
-        "wall_seconds": float(done.max() - (done - wall).min()) if done.notna().any() else None,
+        "wall_seconds": _busy_seconds(done - wall, done),
         "bits": bit_summary(w_bits, space) if w_bits else "-", "note": note,
         "experiment": first["experiment_id"], "dir": first.get("experiment_dir"),
         # for plots: the final candidate's bits, where they came from, the layer names
@@ -157,6 +157,19 @@ def _entry(rows: pd.DataFrame, lo: float, hi: float) -> dict[str, Any]:
         "layers": [l.name for l in space.layers] if space else None,
     }
 
+
+def _busy_seconds(starts: pd.Series, ends: pd.Series) -> float | None:
+    """Length of the union of the trials' [start, end] intervals: the search's wall time
+    with the gaps where no trial ran left out (a search resumed a day later is not a day)."""
+    spans = sorted((a, b) for a, b in zip(starts, ends) if pd.notna(a) and pd.notna(b))
+    if not spans:
+        return None
+    total, (lo, hi) = 0.0, spans[0]
+    for a, b in spans[1:]:
+        if a > hi:
+            total, lo = total + hi - lo, a
+        hi = max(hi, b)
+    return float(total + hi - lo)
 
 def _best_search(search: pd.DataFrame) -> pd.Series | None:
     acc = _num(search["val_acc"])

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from qsearch import QSearchError
@@ -139,7 +140,8 @@ def test_search_cost(entries):
     walls = [100.0, 101.0, 102.0, 103.0]
     assert e["trials"] == 4
     assert e["cpu_hours"] == pytest.approx(sum(walls) * 2.0 / 3600)
-    assert e["wall_seconds"] == pytest.approx((1000 + 600) - (1000 - 100))
+    # trial i runs [1000 + 200 i - (100 + i), 1000 + 200 i]: gaps between them do not count
+    assert e["wall_seconds"] == pytest.approx(sum(walls))
     assert e["search_val_acc"] == pytest.approx(0.8)
 
 
@@ -197,3 +199,11 @@ def test_every_format_renders(entries, fmt):
 def test_unknown_format_lists_the_valid_ones(entries):
     with pytest.raises(QSearchError, match="table, md, csv, json"):
         format_leaderboard(entries, "xlsx")
+
+
+def test_wall_time_is_the_union_of_trial_intervals():
+    from qsearch.leaderboard import _busy_seconds
+
+    starts, ends = pd.Series([0.0, 5.0, 20.0, 21.0]), pd.Series([10.0, 15.0, 30.0, 25.0])
+    assert _busy_seconds(starts, ends) == pytest.approx(15 + 10)  # [0, 15] and [20, 30]
+    assert _busy_seconds(pd.Series([float("nan")]), pd.Series([1.0])) is None
