@@ -194,7 +194,7 @@ def _progress(rows: pd.DataFrame, colors: dict) -> tuple[Any, str] | None:
     search = rows[rows["stage"] == "search"]
     if search.empty:
         return None
-    fig = Figure(figsize=(12, 4))
+    fig = Figure(figsize=(14, 4), layout="constrained")
     by_trials, by_cpu = fig.subplots(1, 2)
     budgets = sorted(search["budget_value"].unique())
     styles = ["-", "--", ":", "-."]
@@ -212,14 +212,15 @@ def _progress(rows: pd.DataFrame, colors: dict) -> tuple[Any, str] | None:
                      linestyle=styles[budgets.index(first["budget_value"]) % len(styles)],
                      label=f"{first['strategy']} @ "
                            f"{format_cost(first['budget_value'], first['budget_kind'])}")
-        by_trials.step(np.arange(1, len(best) + 1), best, **style)
-        by_cpu.step(cpu_hours, best, **style)
+        marker = "o" if len(best) == 1 else None  # a one-trial search is a point, not a line
+        by_trials.step(np.arange(1, len(best) + 1), best, marker=marker, **style)
+        by_cpu.step(cpu_hours, best, marker=marker, **style)
     for ax, xlabel in ((by_trials, "search trials"), (by_cpu, "CPU-hours")):
         ax.set_xlabel(xlabel)
         ax.set_ylabel("best validation accuracy so far")
         ax.yaxis.set_major_formatter(PercentFormatter(1.0))
         ax.grid(alpha=0.3)
-    by_trials.legend(fontsize=8)
+    fig.legend(*by_trials.get_legend_handles_labels(), fontsize=8, loc="outside right upper")
     return fig, ("Search progress: best-so-far validation accuracy vs completed trials and vs "
                  "CPU-hours (trial wall time x CPUs per trial); line style marks the budget.")
 
