@@ -46,6 +46,8 @@ from qsearch.strategy import (
 )
 
 PROXY_REFERENCE = (8, 0.5)  # auto proxy: the size of the 8-bit model at width 0.5
+# the progress line repeats at least this often (seconds) while trials run
+HEARTBEAT_S = float(os.environ.get("QSEARCH_PROGRESS_EVERY", "60"))
 STATE_FILE, SPEC_FILE, LOCK_FILE = "state.json", "spec.json", ".lock"
 
 
@@ -252,6 +254,10 @@ def _callback_class():
             self.runner.started[trial.trial_id] = time.time()
             self.runner.progress()
 
+        def on_step_end(self, iteration, trials, **info):
+            if time.time() - self.runner.last_progress >= HEARTBEAT_S:
+                self.runner.progress()
+
         def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
             self.runner.checkpoints[trial.trial_id] = checkpoint.path
 
@@ -316,7 +322,7 @@ class Runner:
         self.started: dict[str, float] = {}
         self.awaiting_error: dict[str, tuple[dict, float]] = {}
         self.next_index = 0
-        self.t0 = time.time()
+        self.t0 = self.last_progress = time.time()
         self.experiment_id = spec.name or out.name
         if state:
             self.strategy.load_state_dict(state["strategy"])
@@ -417,7 +423,8 @@ class Runner:
         best = self.best()
         best_txt = (f"best val {best['val_acc']:.2%} at {format_cost(best['c_size'], 'size')}"
                     if best else "best val -")
-        elapsed = time.time() - self.t0
+        self.last_progress = time.time()
+        elapsed = self.last_progress - self.t0
         mem = f" | driver rss {_rss_mib()} MiB" if os.environ.get("QSEARCH_MEMORY_LOG") else ""
         print(f"[{time.strftime('%H:%M:%S')}] trials done {len(rows) - failed}, running "
               f"{len(self.live)}, failed {failed} | {best_txt} | elapsed "

@@ -31,8 +31,10 @@ def rows(out: Path) -> pd.DataFrame:
 def test_search_end_to_end(tmp_path):
     out = tmp_path / "uni"
     r = qsearch("run", "--strategy", "uniform", "--budget", "6KB", *TINY, "--trials", "4",
-                "--out", str(out))
+                "--out", str(out), env={"QSEARCH_PROGRESS_EVERY": "0.05"})
     assert r.returncode == 0, r.stderr
+    # the progress line repeats while trials run, not only when one starts or ends (~8)
+    assert r.stdout.count("trials done") > 20
     df = rows(out)
     assert len(df) == 4 and set(df.status) == {"ok"}
     assert df.trial_id.is_unique and sorted(df.trial_index) == [0, 1, 2, 3]
