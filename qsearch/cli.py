@@ -28,7 +28,7 @@ def _kv(text: str) -> tuple[str, object]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"{text!r} must look like key=value, e.g. "
-                                         "--strategy-arg qems=[0.5,1,2]")
+                                         "--strategy-arg qems=[8,32,128]")
     import yaml
 
     return key, yaml.safe_load(value)

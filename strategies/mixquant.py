@@ -67,13 +67,13 @@ if TYPE_CHECKING:
 
 MIXQUANT_BITS = (2, 3, 4, 5, 6, 7, 8)  # B of Algorithm 1; the int8 column is the baseline
 STATE_VERSION = 1
-# Default QEM sweep (aligned mode). For rounding noise s^2/12 with s = range/(2^b - 1), the
-# ratio QE(b)/QE(8) is ((2^8 - 1)/(2^b - 1))^2 ~ 4^(8 - b): 4.0 at 7 bits, 16.5 at 6 ... 7225
-# at 2. These QEMs sit halfway (geometrically) between those ratios, so each one lands a
-# "typical" layer on 7, 6, 5, 4, 3 or 2 bits and MixQuant moves the layers whose weights
-# quantize better or worse than uniform noise. (With QE as an MSE, the paper's 1.1-3.5 of
-# Table 2 would leave nearly every layer at 8 bits: one bit fewer multiplies QE by ~4.)
-DEFAULT_QEMS = (8.0, 32.0, 128.0, 512.0, 2048.0, 8192.0)
+# Why the default sweep is read off the table: for rounding noise s^2/12 with
+# s = range/(2^b - 1), QE(b)/QE(8) = ((2^8 - 1)/(2^b - 1))^2 ~ 4^(8 - b) (4.0 at 7 bits ...
+# 7225 at 2), and trained weights stay close to that, so layers differ by small factors
+# around those ratios. A fixed QEM list mostly gives uniform allocations (all layers cross
+# together); QEMs placed among the table's breakpoints give the mixed ones. (With QE as an
+# MSE, the paper's 1.1-3.5 of Table 2 would leave nearly every layer at 8 bits.)
+DEFAULT_SWEEP = 6
 _CHUNK = 1 << 15  # elements of one layer per block: the [bits, block] buffer stays in L2
 
 Quantizer = Callable[["Tensor", int], "Tensor"]  # (weights, bits) -> dequantized weights
@@ -237,6 +237,20 @@ def _ratios(table: np.ndarray, bits: list[int], choices: Sequence[int]) -> np.nd
         return np.where(sub == 0, 0.0, sub / table[:, [bits.index(8)]])
 
 
+def spread_qems(qe_table: np.ndarray, n: int, bits: Sequence[int] = MIXQUANT_BITS, *,
+                choices: Sequence[int] | None = None) -> list[float]:
+    """``n`` QEMs spread evenly over the distinct allocations Eq. (1) gives for this table.
+
+    Allocation k holds for QEM in [breakpoint k, breakpoint k + 1); the QEMs are the
+    breakpoints at ``n`` evenly spaced interior positions, so the two uniform extremes (every
+    layer at the largest / smallest choice) are left out and the mixed allocations between
+    them are sampled.
+    """
+    points = qem_breakpoints(qe_table, bits, choices=choices)
+    picks = np.linspace(0, len(points) - 1, n + 2)[1:-1].round().astype(int)
+    return [float(points[i]) for i in np.unique(picks)]
+
+
 def qem_breakpoints(qe_table: np.ndarray, bits: Sequence[int] = MIXQUANT_BITS, *,
                     choices: Sequence[int] | None = None) -> np.ndarray:
     """The sorted QEMs >= 1 at which some layer's Eq. (1) choice changes (1 included).
@@ -260,7 +274,9 @@ class MixQuant(Strategy):
         mode: ``"aligned"`` (QEM sweep, each allocation width-aligned to the budget and
             trained like other candidates) or ``"ptq"`` (the paper's post-training setting:
             the float model's width, QEM bisected so the model fits, PTQ accuracy).
-        qems: the QEM sweep of ``"aligned"`` mode (default :data:`DEFAULT_QEMS`).
+        qems: the QEM sweep of ``"aligned"`` mode; ``"auto"`` (default) reads ``n_qems``
+            QEMs off the QE table (:func:`spread_qems`), or give a list.
+        n_qems: how many QEMs ``"auto"`` picks.
         bits: bit-widths a free layer may get (default: B = 2..8 within the space's bit
             choices; pass ``--bit-choices 2,3,4,5,6,7,8`` for the paper's full B).
         quantizer: ``"asym"`` (the paper's vanilla asymmetric quantizer) or another weight
@@ -280,7 +296,8 @@ class MixQuant(Strategy):
     """
 
     def __init__(self, space: SearchSpace, budget: Budget, *, seed: int = 0,
-                 mode: str = "aligned", qems: Sequence[float] | None = None,
+                 mode: str = "aligned", qems: Sequence[float] | str = "auto",
+                 n_qems: int = DEFAULT_SWEEP,
                  bits: Sequence[int] | None = None, quantizer: str = "asym",
                  per_channel: bool = True, checkpoint: str | None = None,
                  checkpoint_width: float | None = None, float_bits: int = 6,
@@ -291,14 +308,23 @@ class MixQuant(Strategy):
             raise QSearchError(f"mixquant mode={mode!r} not understood: use 'aligned' (QEM "
                                "sweep, width fills the budget) or 'ptq' (post-training, the "
                                "float model's width)")
-        if mode == "ptq" and qems is not None:
+        if mode == "ptq" and qems != "auto":
             raise QSearchError("mixquant qems is for mode='aligned': mode='ptq' finds its QEM "
                                "by bisection so the model fits the budget")
         self.mode = mode
-        self.qems = [float(q) for q in (DEFAULT_QEMS if qems is None else qems)]
-        if not self.qems or any(not (math.isfinite(q) and q >= 1) for q in self.qems):
-            raise QSearchError(f"mixquant qems {list(qems or [])} not allowed: give finite "
-                               "values >= 1, e.g. --strategy-arg qems=[8,32,128,512]")
+        if isinstance(qems, str):
+            if qems != "auto":
+                raise QSearchError(f"mixquant qems={qems!r} not understood: use 'auto' or a "
+                                   "list, e.g. --strategy-arg qems=[8,32,128,512]")
+            self.qems: list[float] | None = None
+        else:
+            self.qems = [float(q) for q in qems]
+            if not self.qems or any(not (math.isfinite(q) and q >= 1) for q in self.qems):
+                raise QSearchError(f"mixquant qems {list(qems)} not allowed: give finite "
+                                   "values >= 1, e.g. --strategy-arg qems=[8,32,128,512]")
+        if int(n_qems) != n_qems or n_qems < 1:
+            raise QSearchError(f"mixquant n_qems={n_qems!r} must be an integer >= 1")
+        self.n_qems = int(n_qems)
         allowed = [b for b in MIXQUANT_BITS if b in space.bit_choices]
         self.bits = sorted({int(b) for b in (allowed if bits is None else bits)})
         if not self.bits or any(b not in allowed for b in self.bits):
@@ -348,13 +374,15 @@ class MixQuant(Strategy):
     def _plan(self) -> None:
         """Candidates from the QE table: (qems, free-layer bits, candidate) per entry."""
         self.entries: list[dict[str, Any]] = []
+        self.sweep: list[float] = self.qems or []  # aligned mode's QEMs, once the table is in
         self.infeasible: list[dict[str, Any]] = []
         self.plan_error: str | None = None
         if self.table is None:
             return
         free = self.table[self.space.free_layers]
         if self.mode == "aligned":
-            for qem in self.qems:
+            self.sweep = self.qems or spread_qems(free, self.n_qems, choices=self.bits)
+            for qem in self.sweep:
                 bits = mixquant_bits(free, qem, choices=self.bits)
                 same = next((e for e in self.entries if e["bits"] == bits), None)
                 if same is not None:
@@ -367,7 +395,7 @@ class MixQuant(Strategy):
                     continue
                 self.entries.append({"qems": [qem], "bits": bits, "candidate": cand})
             if not self.entries:
-                self.plan_error = f"no QEM of {self.qems} gives bits that fit {self.budget}"
+                self.plan_error = f"no QEM of {self.sweep} gives bits that fit {self.budget}"
             return
         found = self._bisect_qem(free)
         if found is None:

@@ -23,6 +23,7 @@ from qsearch.strategies.mixquant import (
     mixquant_bits,
     qe_table,
     qem_breakpoints,
+    spread_qems,
 )
 from qsearch.strategy import FINISHED, Proposal, Result, create_strategy, list_strategies, run_local
 from qsearch.tasks import TaskContext, get_task
@@ -98,6 +99,20 @@ def test_tensor_op_path_matches_compiled_path(weights, per_channel):
         x = w.reshape(w.shape[0], -1)
         np.testing.assert_allclose(_asym_qe_torch(x, levels, per_channel),
                                    qe_table([w], per_channel=per_channel)[0], rtol=1e-4)
+
+
+def test_auto_sweep_gives_distinct_mixed_allocations():
+    """Trained layers sit near the rounding-noise ratios 4^(8-b), a few tens of % apart, so
+    with choices {2, 4, 8} a fixed QEM mostly moves every layer at once (a trained ResNet-20
+    at 32KB gave uniform 8, 4 and 2 bits for QEMs 8..8192); the breakpoints do not."""
+    rng = np.random.default_rng(0)
+    levels = np.array([2.0**b - 1 for b in MIXQUANT_BITS])
+    table = (255.0 / levels)[None, :] ** 2 * rng.uniform(0.8, 1.25, (20, 7)) * 1e-6
+    table[:, -1] = 1e-6  # the int8 column
+    qems = spread_qems(table, 6, choices=(2, 4, 8))
+    assert len(qems) == 6 and qems == sorted(qems)
+    auto = [mixquant_bits(table, q, choices=(2, 4, 8)) for q in qems]
+    assert all(len(set(b)) > 1 for b in auto) and len({tuple(b) for b in auto}) == 6
 
 
 def test_qe_is_monotone_in_bits(weights):
@@ -202,7 +217,7 @@ def test_aligned_flow_fills_the_budget(space):
         # the bits (uniform 8 bits: 98.5%, uniform 4: 97.2%), so 99% cannot be asked here.
         assert space.c_size(cand) >= 0.97 * budget.value
     rows = s.summary()["qem_table"]
-    assert [r["qem"] for r in rows] == sorted(s.qems)
+    assert [r["qem"] for r in rows] == sorted(s.sweep)
     assert all(r["status"] == "ok" and r["val_acc"] is not None for r in rows)
     assert s.summary()["best"] is not None
 
