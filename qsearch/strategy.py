@@ -229,7 +229,9 @@ def create_strategy(name: str, space: SearchSpace, budget: Budget, *, seed: int 
 
 def run_local(strategy: Strategy, evaluate: Callable[[Proposal], Result], *,
               max_trials: int) -> list[tuple[Proposal, Result]]:
-    """Drive a strategy sequentially without Ray (tests, analytic checks)."""
+    """Drive a strategy sequentially without Ray (tests, analytic checks), telling it the
+    trial limit as the runner does."""
+    strategy.max_trials = max_trials
     history = []
     for i in range(max_trials):
         proposal = strategy.ask(str(i))

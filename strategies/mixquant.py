@@ -295,6 +295,8 @@ class MixQuant(Strategy):
         finetune_lr: peak learning rate of that fine-tuning.
     """
 
+    _max_trials: int | None = None
+
     def __init__(self, space: SearchSpace, budget: Budget, *, seed: int = 0,
                  mode: str = "aligned", qems: Sequence[float] | str = "auto",
                  n_qems: int = DEFAULT_SWEEP,
@@ -381,7 +383,7 @@ class MixQuant(Strategy):
             return
         free = self.table[self.space.free_layers]
         if self.mode == "aligned":
-            self.sweep = self.qems or spread_qems(free, self.n_qems, choices=self.bits)
+            self.sweep = self.qems or spread_qems(free, self._sweep_size(), choices=self.bits)
             for qem in self.sweep:
                 bits = mixquant_bits(free, qem, choices=self.bits)
                 same = next((e for e in self.entries if e["bits"] == bits), None)
@@ -411,6 +413,22 @@ class MixQuant(Strategy):
         qem, bits = found
         cand = self.space.candidate(bits, width=self.float_width)
         self.entries.append({"qems": [qem], "bits": bits, "candidate": cand})
+
+    def _sweep_size(self) -> int:
+        """``n_qems``, or fewer when the trial limit leaves fewer trials after the float one,
+        so a short search still spreads its candidates over the whole sweep."""
+        if self.max_trials is None:
+            return self.n_qems
+        return max(1, min(self.n_qems, self.max_trials - (self.checkpoint is None)))
+
+    @property
+    def max_trials(self) -> int | None:
+        return self._max_trials
+
+    @max_trials.setter
+    def max_trials(self, n: int | None) -> None:  # the runner sets it before the first ask
+        self._max_trials = n
+        self._plan()
 
     def _bisect_qem(self, free: np.ndarray) -> tuple[float, list[int]] | None:
         """The smallest QEM whose bits fit the budget at the float width, by bisection.

@@ -115,6 +115,19 @@ def test_auto_sweep_gives_distinct_mixed_allocations():
     assert all(len(set(b)) > 1 for b in auto) and len({tuple(b) for b in auto}) == 6
 
 
+def test_short_search_spreads_its_candidates_over_the_sweep(space):
+    budget = parse_budget("64KB")
+    evaluate = fake_trial(space)
+    full = create_strategy("mixquant", space, budget)
+    run_local(full, evaluate, max_trials=50)
+    short = create_strategy("mixquant", space, budget)
+    history = run_local(short, evaluate, max_trials=4)  # the float trial and 3 candidates
+    assert len(full.sweep) == 6 and len(short.sweep) == 3
+    assert short.sweep[0] > full.sweep[0] and short.sweep[-1] < full.sweep[-1]
+    assert short.sweep[-1] > full.sweep[3]  # not the first 3 of the full sweep
+    assert len(history) == 4 and all(r.status == "ok" for _, r in history)
+
+
 def test_qe_is_monotone_in_bits(weights):
     for per_channel in (True, False):
         table = qe_table(weights, per_channel=per_channel)
