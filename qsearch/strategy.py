@@ -103,6 +103,10 @@ class Strategy(ABC):
         """Extra results worth showing (e.g. DualPrecision's grid table); plain data."""
         return {}
 
+    def summary_text(self) -> str:
+        """Lines for the end-of-run summary on the console (default: none)."""
+        return ""
+
     def align(self, bits, a_bits: int | None = None) -> Candidate:
         """Bits (any form ``SearchSpace.candidate`` takes) width-aligned to the budget."""
         cand = self.space.candidate(bits, a_bits=a_bits)

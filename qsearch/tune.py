@@ -689,6 +689,8 @@ def summarize(runner: Runner) -> None:
     rows = runner.rows()
     print(f"done: {len(rows)} trials ({sum(r['status'] != 'ok' for r in rows)} failed) in "
           f"{time.time() - runner.t0:.0f}s; results in {runner.out / 'results.parquet'}")
+    if text := runner.strategy.summary_text():
+        print(text)
     if found is None:
         print("no trial succeeded: see the errors with `qsearch results "
               f"{runner.out}`")

@@ -115,3 +115,17 @@ class DualPrecision(GridStrategy):
                     "candidate": self.aligned[i].candidate.to_dict()}
         return {"rows": "depthwise", "cols": "other", "row_bits": rows, "col_bits": cols,
                 "table": table, "cells": cells, "best": best, "budget": str(self.budget)}
+
+    def summary_text(self) -> str:
+        """The grid as a text table in Table 7's layout; ``*`` marks the best cell."""
+        s = self.summary()
+        best = s["best"] or {}
+        corner, fmt = "dw \\ other", "{:>9}".format
+        lines = [f"grid at {s['budget']}, validation accuracy per cell:",
+                 f"  {corner:>11} " + "".join(fmt(str(c)) for c in s["col_bits"])]
+        for r, accs in zip(s["row_bits"], s["table"]):
+            cells = ["-" if acc is None else
+                     ("*" if (best.get("depthwise"), best.get("other")) == (r, c) else "")
+                     + f"{acc:.2%}" for c, acc in zip(s["col_bits"], accs)]
+            lines.append(f"  {'n/a' if r is None else r:>11} " + "".join(map(fmt, cells)))
+        return "\n".join(lines)

@@ -42,6 +42,7 @@ import math
 import os
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -571,6 +572,21 @@ class MixQuant(Strategy):
                 "float": {**self.float_info, "width": self.float_width,
                           "error": self.float_error},
                 "qem_table": rows, "best": best, "error": self.plan_error or self.float_error}
+
+    def summary_text(self) -> str:
+        """The QEM table: per QEM the free layers' bits, the candidate's width and accuracy."""
+        s = self.summary()
+        if not s["qem_table"]:
+            return ""
+        acc = s["float"]["val_acc"]
+        lines = [f"MixQuant {self.mode}: float model at width {self.float_width:.4g}"
+                 + (f", val acc {acc:.2%}" if acc is not None else "")]
+        for r in s["qem_table"]:
+            bits = " ".join(f"{b}b:{n}" for b, n in sorted(Counter(r["bits"]).items()))
+            width = f"width {r['width']:.4g}" if "width" in r else ""
+            result = f"{r['val_acc']:.2%}" if r.get("val_acc") is not None else r["status"]
+            lines.append(f"  QEM {r['qem']:<9.5g} {bits:<22} {width:<13} {result}")
+        return "\n".join(lines)
 
     def _mean_bits(self, cand: Candidate) -> float:
         """Weight bits averaged over parameters (C_size / parameter count)."""

@@ -55,6 +55,20 @@ def test_search_end_to_end(tmp_path):
     assert abs(int(codes.replace(",", "")) / int(c_size.replace(",", "")) - 1) < 0.01
 
 
+def test_dualprecision_prints_its_grid(tmp_path):
+    out = tmp_path / "dp"
+    r = qsearch("run", "--strategy", "dualprecision", "--budget", "6KB", *TINY, "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    i = next(k for k, line in enumerate(lines) if line.startswith("grid at 6KB"))
+    assert lines[i + 1].split() == ["dw", "\\", "other", "1", "2", "4", "8"]
+    df = rows(out)
+    df["bits"] = [json.loads(c)["w_bits"][1] for c in df.candidate]
+    accs = df.sort_values("bits").val_acc
+    assert lines[i + 2].replace("*", "").split() == ["n/a"] + [f"{a:.2%}" for a in accs]
+    assert f"*{accs.max():.2%}" in lines[i + 2]
+
+
 def test_proxy_budget_rescales_the_winner(tmp_path):
     out = tmp_path / "proxy"
     r = qsearch("run", "--strategy", "random", "--budget", "12MB", *TINY, "--trials", "2",

@@ -84,6 +84,13 @@ def check_depthwise_grid(space: SearchSpace, budget: Budget, min_ratio: float) -
     assert s["row_bits"] == s["col_bits"] == [1, 2, 4, 8]
     assert all(v is not None for row in s["table"] for v in row)
     assert dp.ask("again") == FINISHED
+    # the console table: a header and one row per depthwise bit-width, Table 7's layout
+    lines = dp.summary_text().splitlines()[1:]
+    assert lines[0].split() == ["dw", "\\", "other", "1", "2", "4", "8"]
+    for line, d, accs in zip(lines[1:], s["row_bits"], s["table"], strict=True):
+        assert line.replace("*", "").split() == [str(d)] + [f"{a:.2%}" for a in accs]
+    assert sum(line.count("*") for line in lines) == 1  # the best cell: 4/4 bits here
+    assert "*" + f"{s['table'][2][2]:.2%}" in lines[3]
 
 
 def test_depthwise_grid_is_bits_squared(mobilenetv2):

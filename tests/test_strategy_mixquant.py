@@ -232,6 +232,10 @@ def test_aligned_flow_fills_the_budget(space):
     rows = s.summary()["qem_table"]
     assert [r["qem"] for r in rows] == sorted(s.sweep)
     assert all(r["status"] == "ok" and r["val_acc"] is not None for r in rows)
+    text = s.summary_text().splitlines()  # the console's QEM table: one line per QEM
+    assert len(text) == 1 + len(rows)
+    for line, r in zip(text[1:], rows, strict=True):
+        assert f"{r['qem']:.5g}" in line and line.endswith(f"{r['val_acc']:.2%}")
     assert s.summary()["best"] is not None
 
 
