@@ -171,6 +171,7 @@ def _busy_seconds(starts: pd.Series, ends: pd.Series) -> float | None:
         hi = max(hi, b)
     return float(total + hi - lo)
 
+
 def _best_search(search: pd.DataFrame) -> pd.Series | None:
     acc = _num(search["val_acc"])
     ok = search[(search["status"] == "ok") & np.isfinite(acc) & search["candidate"].notna()]
