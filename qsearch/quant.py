@@ -592,9 +592,15 @@ class _QuantMixin:
     act_quant: nn.Module | None
     weight: Tensor
 
-    def _init_quant(
-        self, w_bits: int | Tensor | None, scheme: str, act_quant: nn.Module | None
-    ) -> None:
+    def __init__(
+        self,
+        *args,
+        w_bits: int | Tensor | None = None,
+        scheme: str = "dualprecision",
+        act_quant: nn.Module | None = None,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)  # the torch layer's own arguments
         check_bits(w_bits, scheme)
         self.w_bits = w_bits
         self.scheme = scheme
@@ -624,17 +630,6 @@ class _QuantMixin:
 class QuantConv2d(_QuantMixin, nn.Conv2d):
     """``nn.Conv2d`` with quantized weights and input; state_dict keys of Conv2d are kept."""
 
-    def __init__(
-        self,
-        *args,
-        w_bits: int | Tensor | None = None,
-        scheme: str = "dualprecision",
-        act_quant: nn.Module | None = None,
-        **kwargs,
-    ):
-        nn.Conv2d.__init__(self, *args, **kwargs)
-        self._init_quant(w_bits, scheme, act_quant)
-
     @classmethod
     def from_float(cls, conv: nn.Conv2d, **quant) -> QuantConv2d:
         """Wrap ``conv``, sharing its Parameters (an existing optimizer keeps working)."""
@@ -660,17 +655,6 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
 
 class QuantLinear(_QuantMixin, nn.Linear):
     """``nn.Linear`` with quantized weights and input; state_dict keys of Linear are kept."""
-
-    def __init__(
-        self,
-        *args,
-        w_bits: int | Tensor | None = None,
-        scheme: str = "dualprecision",
-        act_quant: nn.Module | None = None,
-        **kwargs,
-    ):
-        nn.Linear.__init__(self, *args, **kwargs)
-        self._init_quant(w_bits, scheme, act_quant)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, **quant) -> QuantLinear:

@@ -42,7 +42,6 @@ import math
 import os
 import time
 import warnings
-from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -575,6 +574,8 @@ class MixQuant(Strategy):
 
     def summary_text(self) -> str:
         """The QEM table: per QEM the free layers' bits, the candidate's width and accuracy."""
+        from qsearch.leaderboard import bit_summary
+
         s = self.summary()
         if not s["qem_table"]:
             return ""
@@ -582,7 +583,7 @@ class MixQuant(Strategy):
         lines = [f"MixQuant {self.mode}: float model at width {self.float_width:.4g}"
                  + (f", val acc {acc:.2%}" if acc is not None else "")]
         for r in s["qem_table"]:
-            bits = " ".join(f"{b}b:{n}" for b, n in sorted(Counter(r["bits"]).items()))
+            bits = bit_summary(r["bits"])  # free layers' bits: a histogram
             width = f"width {r['width']:.4g}" if "width" in r else ""
             result = f"{r['val_acc']:.2%}" if r.get("val_acc") is not None else r["status"]
             lines.append(f"  QEM {r['qem']:<9.5g} {bits:<22} {width:<13} {result}")
