@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from qsearch import QSearchError
 
@@ -71,3 +74,16 @@ class Candidate:
     def with_width(self, width: float, channels: tuple[tuple[str, int], ...] = ()) -> Candidate:
         """The same bits at another width (extra channels dropped unless given)."""
         return Candidate(self.w_bits, self.a_bits, width, channels)
+
+
+def bit_summary(w_bits: Sequence[int], space: Any = None) -> str:
+    """Compact bits: per group when uniform within groups ("dw 4 / other 1"), else a
+    histogram of the free layers' bits ("1b:3 2b:10 4b:5"); all layers without a space."""
+    if space is not None and len(w_bits) == len(space.layers):
+        per_group = {g: {w_bits[i] for i in idx} for g, idx in space.groups.items()}
+        if per_group and all(len(v) == 1 for v in per_group.values()):
+            return " / ".join(f"{'dw' if g == 'depthwise' else g} {next(iter(v))}"
+                              for g, v in per_group.items())
+        w_bits = [w_bits[i] for i in space.free_layers]
+    counts = Counter(int(b) for b in w_bits)
+    return " ".join(f"{b}b:{counts[b]}" for b in sorted(counts))

@@ -160,7 +160,8 @@ def cmd_strategies(args) -> None:
 
 def cmd_results(args) -> None:
     from qsearch.budget import format_cost
-    from qsearch.store import FILENAME, ResultsStore
+    from qsearch.files import RESULTS_FILE as FILENAME
+    from qsearch.store import ResultsStore
 
     d = Path(args.dir)
     if not (d / FILENAME).exists():

@@ -267,9 +267,8 @@ def export_experiment(out: str | os.PathLike, path: str | os.PathLike | None = N
     """
     from qsearch.candidate import FLOAT_BITS, Candidate
     from qsearch.data import load_dataset
-    from qsearch.spec import Spec
+    from qsearch.spec import Spec, space_from_spec
     from qsearch.train import TrainConfig, evaluate, set_threads
-    from qsearch.tune import space_from_spec
 
     out = Path(out)
     if not (out / "final.json").exists() or not (out / "spec.json").exists():

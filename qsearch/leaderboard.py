@@ -16,7 +16,7 @@ import csv
 import io
 import json
 import math
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -27,9 +27,10 @@ import pandas as pd
 
 from qsearch import QSearchError
 from qsearch.budget import format_cost
+from qsearch.candidate import bit_summary
+from qsearch.files import FINAL_FILE, SPEC_FILE
 from qsearch.store import ResultsStore
 
-SPEC_FILE, FINAL_FILE = "spec.json", "final.json"  # as written by qsearch.tune
 FORMATS = ("table", "md", "csv", "json")
 EPS = 1e-9  # float slack on the tolerance bounds
 
@@ -203,19 +204,6 @@ def _final_candidate(final: pd.DataFrame, directory: str | None, best: pd.Series
         return (_float(best["c_size"]), _float(best["bitops"]),
                 json.loads(best["candidate"])["w_bits"], "search best")
     return None
-
-
-def bit_summary(w_bits: Sequence[int], space: Any = None) -> str:
-    """Compact bits: per group when uniform within groups ("dw 4 / other 1"), else a
-    histogram of the free layers' bits ("1b:3 2b:10 4b:5"); all layers without a space."""
-    if space is not None and len(w_bits) == len(space.layers):
-        per_group = {g: {w_bits[i] for i in idx} for g, idx in space.groups.items()}
-        if per_group and all(len(v) == 1 for v in per_group.values()):
-            return " / ".join(f"{'dw' if g == 'depthwise' else g} {next(iter(v))}"
-                              for g, v in per_group.items())
-        w_bits = [w_bits[i] for i in space.free_layers]
-    counts = Counter(int(b) for b in w_bits)
-    return " ".join(f"{b}b:{counts[b]}" for b in sorted(counts))
 
 
 def _space_for(row: pd.Series) -> Any:

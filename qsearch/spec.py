@@ -11,9 +11,13 @@ import itertools
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
 
 from qsearch import QSearchError
+
+if TYPE_CHECKING:
+    from qsearch.space import SearchSpace
 
 SPEC_VERSION = 1
 
@@ -157,3 +161,17 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise QSearchError(f"recipe {str(p)!r} must be a mapping of spec keys, "
                            f"got {type(data).__name__}")
     return data
+
+
+def space_from_spec(spec: Spec) -> SearchSpace:
+    """The search space a spec describes (cached: building one traces the model)."""
+    return _space(spec.model, spec.dataset, spec.data.get("root"), spec.a_bits,
+                  tuple(spec.bit_choices), spec.pin_bits, spec.width_min, spec.width_max)
+
+
+@lru_cache(maxsize=8)
+def _space(model, dataset, root, a_bits, bit_choices, pin_bits, wmin, wmax) -> SearchSpace:
+    from qsearch.space import SearchSpace  # imports torch: only when a space is needed
+
+    return SearchSpace(model, dataset, data_root=root, a_bits=a_bits, bit_choices=bit_choices,
+                       pin_bits=pin_bits, width_bounds=(wmin, wmax))

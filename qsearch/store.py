@@ -17,9 +17,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qsearch import QSearchError
+from qsearch.files import RESULTS_FILE
 
 SCHEMA_VERSION = 1
-FILENAME = "results.parquet"
 
 SCHEMA = pa.schema([
     ("experiment_id", pa.string()),
@@ -57,7 +57,7 @@ class ResultsStore:
     """Append-only trial records in ``<dir>/results.parquet``; one row per trial id."""
 
     def __init__(self, directory: str | Path):
-        self.path = Path(directory) / FILENAME
+        self.path = Path(directory) / RESULTS_FILE
         self.rows: list[dict[str, Any]] = self._read() if self.path.exists() else []
 
     def _read(self) -> list[dict[str, Any]]:

@@ -25,16 +25,15 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from qsearch import QSearchError
 from qsearch.budget import Budget, format_cost, parse_budget
 from qsearch.candidate import Candidate
-from qsearch.leaderboard import bit_summary
+from qsearch.candidate import bit_summary
 from qsearch.space import SearchSpace
-from qsearch.spec import Spec
+from qsearch.spec import Spec, space_from_spec
 from qsearch.store import ResultsStore
 from qsearch.strategy import (
     FINISHED,
@@ -52,17 +51,6 @@ STATE_FILE, SPEC_FILE, LOCK_FILE = "state.json", "spec.json", ".lock"
 
 
 # ----- spec -> space, budgets -----------------------------------------------------------
-def space_from_spec(spec: Spec) -> SearchSpace:
-    return _space(spec.model, spec.dataset, spec.data.get("root"), spec.a_bits,
-                  tuple(spec.bit_choices), spec.pin_bits, spec.width_min, spec.width_max)
-
-
-@lru_cache(maxsize=8)
-def _space(model, dataset, root, a_bits, bit_choices, pin_bits, wmin, wmax) -> SearchSpace:
-    return SearchSpace(model, dataset, data_root=root, a_bits=a_bits, bit_choices=bit_choices,
-                       pin_bits=pin_bits, width_bounds=(wmin, wmax))
-
-
 @dataclass(frozen=True)
 class Budgets:
     target: Budget

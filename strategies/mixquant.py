@@ -574,7 +574,7 @@ class MixQuant(Strategy):
 
     def summary_text(self) -> str:
         """The QEM table: per QEM the free layers' bits, the candidate's width and accuracy."""
-        from qsearch.leaderboard import bit_summary
+        from qsearch.candidate import bit_summary
 
         s = self.summary()
         if not s["qem_table"]:

@@ -13,10 +13,9 @@ import pytest
 
 from qsearch import QSearchError
 from qsearch.budget import parse_budget
-from qsearch.candidate import Candidate
+from qsearch.candidate import Candidate, bit_summary
 from qsearch.leaderboard import (
     FORMATS,
-    bit_summary,
     format_leaderboard,
     leaderboard,
     load_experiments,

@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from qsearch import QSearchError
-from qsearch.store import FILENAME, ResultsStore
+from qsearch.files import RESULTS_FILE as FILENAME
+from qsearch.store import ResultsStore
 
 
 def row(i: int, **kw) -> dict:
