@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from qsearch.strategies.mixquant import MIXQUANT_BITS, mixquant_bits, qe_table
+from qsearch.strategies._qe import MIXQUANT_BITS, mixquant_bits, qe_table
 
 # Table 3 of the paper: search time in seconds for (a) 1 QEM and (b) 10 QEMs.
 PAPER = {

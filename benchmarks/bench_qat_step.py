@@ -22,7 +22,8 @@ import torch.nn as nn
 from torch.ao.quantization import FakeQuantize, MovingAveragePerChannelMinMaxObserver
 from torch.nn.utils import parametrize
 
-from qsearch.quant import dp_quantize, quantize_model
+from qsearch.qlayers import quantize_model
+from qsearch.quant import dp_quantize
 from qsearch.spaces import get_family
 
 

@@ -30,9 +30,6 @@ class Budget:
     def unit(self) -> str:
         return "bits" if self.kind == "size" else "BitOPs"
 
-    def scaled(self, factor: float) -> Budget:
-        return Budget(self.kind, self.value * factor)
-
     def __str__(self) -> str:
         return format_cost(self.value, self.kind)
 

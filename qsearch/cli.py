@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -18,28 +19,37 @@ class _Parser(argparse.ArgumentParser):
 
 def _bits_list(text: str) -> list[int]:
     try:
-        return [int(b) for b in text.split(",") if b.strip()]
+        bits = [int(b) for b in text.split(",") if b.strip()]
     except ValueError:
+        bits = []
+    if not bits:
         raise QSearchError(f"bit list {text!r} not understood: use comma-separated integers "
-                           "such as 1,2,4,8") from None
+                           "such as 1,2,4,8")
+    return bits
 
 
 def _kv(text: str) -> tuple[str, object]:
+    from qsearch.spec import parse_yaml
+
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"{text!r} must look like key=value, e.g. "
                                          "--strategy-arg qems=[8,32,128]")
-    import yaml
-
-    return key, yaml.safe_load(value)
+    try:  # QSearchError is a ValueError, which argparse would replace by "invalid value"
+        return key, parse_yaml(value, f"value {value!r} of {key!r}",
+                               fix="write a YAML value, e.g. --strategy-arg 'bits=[2,4]'")
+    except QSearchError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 # ----- qsearch space show ------------------------------------------------------------------
 def cmd_space_show(args) -> None:
     from qsearch.budget import format_cost, parse_budget
-    from qsearch.space import SearchSpace
+    from qsearch.space import SearchSpace, parse_pin_bits
 
-    space = SearchSpace(args.model, args.dataset, data_root=args.data_root, a_bits=args.a_bits)
+    space = SearchSpace(args.model, args.dataset, data_root=args.data_root, a_bits=args.a_bits,
+                        pin_bits=parse_pin_bits(args.pin_bits), fixed_first=args.fixed_first,
+                        fixed_last=args.fixed_last, count_bias=args.count_bias)
     bits = _bits_list(args.bits)
     cand = space.candidate(bits[0] if len(bits) == 1 else bits, width=args.width)
     aligned = None
@@ -49,6 +59,10 @@ def cmd_space_show(args) -> None:
     rows = space.table(cand)
     print(f"{space.model} on {space.dataset}: {len(rows)} quantizable layers, width "
           f"{cand.width:.4g}, activations {cand.a_bits} bit")
+    yes = {True: "yes", False: "no"}
+    print(f"first/last layer bits: {'free' if space.pin_bits is None else space.pin_bits}, "
+          f"first/last channels fixed: {yes[space.fixed_first]}/{yes[space.fixed_last]}, "
+          f"biases in C_size: {yes[space.count_bias]}")
     head = f"{'#':>3} {'layer':<22} {'role':<9} {'cin':>5} {'cout':>5} {'k':>3} {'s':>2} " \
            f"{'out':>7} {'bits':>4} {'C_size':>10} {'share':>6} {'BitOPs':>10}"
     print(head)
@@ -59,9 +73,10 @@ def cmd_space_show(args) -> None:
               f"{format_cost(r['bitops'], 'bitops'):>10}")
     mem = space.memory_footprint(cand)
     packed = space.packed_bytes(cand)
-    print(f"C_size {format_cost(space.c_size(cand), 'size')} ({space.c_size(cand):.6g} bits), "
-          f"BitOPs {format_cost(space.bitops(cand), 'bitops')}, inference memory "
-          f"{format_cost(mem, 'size')}, packed file ~{packed['total_bytes']:,} bytes")
+    print(f"C_size {format_cost(space.c_size(cand), 'size')} ({space.c_size(cand):.0f} bits), "
+          f"BitOPs {format_cost(space.bitops(cand), 'bitops')} ({space.bitops(cand):.0f}), "
+          f"inference memory {format_cost(mem, 'size')}, "
+          f"packed file ~{packed['total_bytes']:,} bytes")
     if aligned:
         print(f"width aligned to {aligned.budget}: width {cand.width:.6g}, achieved "
               f"{aligned.ratio:.2%} of the budget")
@@ -92,7 +107,7 @@ def specs_from_args(args):
 def _apply_flags(spec, args):
     over = {key: getattr(args, flag) for flag, key in _RUN_FLAGS.items()
             if getattr(args, flag) is not None}
-    if args.bit_choices:
+    if args.bit_choices is not None:
         over["bit_choices"] = _bits_list(args.bit_choices)
     train = dict(spec.train)
     if args.steps is not None and args.epochs is not None:
@@ -119,7 +134,8 @@ def _apply_flags(spec, args):
 
 
 def cmd_run(args) -> None:
-    from qsearch.tune import SPEC_FILE, dry_run, resume_experiment, run_experiment
+    from qsearch.experiment import dry_run, resume_experiment, run_experiment
+    from qsearch.files import SPEC_FILE
 
     specs = specs_from_args(args)
     failed = []
@@ -142,9 +158,10 @@ def cmd_run(args) -> None:
 
 
 def cmd_resume(args) -> None:
-    from qsearch.tune import resume_experiment
+    from qsearch.experiment import RESUME_OVERRIDES, resume_experiment
 
-    if resume_experiment(Path(args.dir)).best() is None:
+    overrides = {k: getattr(args, k) for k in RESUME_OVERRIDES if getattr(args, k) is not None}
+    if resume_experiment(Path(args.dir), overrides=overrides).best() is None:
         raise SystemExit(f"qsearch: no trial succeeded in {args.dir}: see `qsearch results "
                          f"{args.dir}` for the errors")
 
@@ -187,12 +204,21 @@ def cmd_results(args) -> None:
 
 def cmd_export(args) -> None:
     from qsearch.export import export_experiment
+    from qsearch.planning import check_train_settings, check_writable
 
+    if args.steps is not None and args.epochs is not None:
+        raise QSearchError("--steps and --epochs both given: the training length is one of "
+                           "them")
     train = {}
     if args.steps is not None:
         train = {"steps": args.steps, "epochs": None}
     elif args.epochs is not None:
         train = {"epochs": args.epochs, "steps": None}
+    check_train_settings(train, "export")
+    # checked before the minutes of training, not after them
+    output = Path(args.dir) / "model.safetensors" if args.output is None else args.output
+    check_writable(output, directory=False, what="export file", flag="-o",
+                   example="model.safetensors")
     r = export_experiment(args.dir, args.output, train=train)
     print(f"wrote {r['path']}: {r['total_bytes']:,} bytes = codes {r['code_bytes']:,} "
           f"(C_size/8 = {r['c_size_bytes']:,.0f}, {r['code_bytes'] / r['c_size_bytes']:.4f}x)"
@@ -213,7 +239,7 @@ def cmd_leaderboard(args) -> None:
 def cmd_report(args) -> None:
     from qsearch.report import build_report
 
-    print(f"report written to {build_report(args.dirs, Path(args.output))}")
+    print(f"report written to {build_report(args.dirs, args.output)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -258,8 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--final-epochs", type=float, help="epochs of that retrain (default 1)")
     run.set_defaults(fn=cmd_run)
 
-    res = sub.add_parser("resume", help="continue an interrupted experiment")
+    res = sub.add_parser("resume", help="continue an interrupted experiment (where and how "
+                         "it runs may change; what it searches may not)")
     res.add_argument("dir")
+    res.add_argument("--address", help="resume on this Ray cluster (host:port)")
+    res.add_argument("--cpus-per-trial", type=float)
+    res.add_argument("--gpus-per-trial", type=float)
+    res.add_argument("--concurrency", type=int)
+    res.add_argument("--max-failures", type=int)
     res.set_defaults(fn=cmd_resume)
 
     st = sub.add_parser("strategies", help="list the registered strategies")
@@ -299,8 +331,25 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--a-bits", type=int, default=4)
     show.add_argument("--width", type=float, default=1.0)
     show.add_argument("--budget", help="align the width to this budget")
+    show.add_argument("--pin-bits", default="8", help="bits of the first and last layer: 8 "
+                      "(default, as the papers), 32 (float), 1..7, or none (free them)")
+    show.add_argument("--fixed-first", action=argparse.BooleanOptionalAction, default=None,
+                      help="keep the stem's channels at 1x (default: on for 224-pixel data)")
+    show.add_argument("--fixed-last", action=argparse.BooleanOptionalAction, default=None,
+                      help="keep the final feature layer's channels at 1x (default: on for "
+                      "224-pixel data)")
+    show.add_argument("--count-bias", action="store_true", help="count conv/fc biases in "
+                      "C_size at their layer's bits, as FracBits does (default: weights only)")
     show.set_defaults(fn=cmd_space_show)
     return p
+
+
+def _short(text: str, limit: int = 1000, word: int = 200) -> str:
+    """One line, bounded: a huge bad value is echoed truncated, never whole, and the end of
+    the message (the fix) is kept."""
+    text = re.sub(rf"\S{{{word},}}", lambda m: f"{m[0][:word // 2]}...({len(m[0]):,} chars)",
+                  " ".join(text.split()))
+    return text if len(text) <= limit else f"{text[:limit // 2]} ... {text[-limit // 2:]}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -308,7 +357,12 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         args.fn(args)
     except QSearchError as e:
-        print(f"qsearch: error: {e}", file=sys.stderr)
+        print(f"qsearch: error: {_short(str(e))}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path that cannot be read or written
+        where = f" {str(e.filename)[:200]!r}" if e.filename else ""
+        print(f"qsearch: error: cannot use{where}: {e.strerror or e}: check the path and its "
+              "permissions", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("qsearch: interrupted", file=sys.stderr)

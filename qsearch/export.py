@@ -33,13 +33,9 @@ from safetensors import SafetensorError
 from safetensors.torch import safe_open, save_file
 
 from qsearch import QSearchError, __version__
-from qsearch.quant import (
-    QUANT_LAYERS,
-    PACTActQuant,
-    first_layer_name,
-    is_float_bits,
-    quantize_model,
-)
+from qsearch.actquant import PACTActQuant
+from qsearch.qlayers import QUANT_LAYERS, first_layer_name, quantize_model
+from qsearch.quant import is_float_bits
 
 FORMAT = "qsearch-packed"
 FORMAT_VERSION = 1
@@ -68,20 +64,10 @@ def _act_info(layer: nn.Module) -> tuple[int | None, str | None]:
     return int(act.bits), "pact" if isinstance(act, PACTActQuant) else "ema"
 
 
-def export_model(
-    model: nn.Module, candidate_json: str, path: str | os.PathLike, *, layer_names: list[str]
-) -> dict[str, int]:
-    """Write ``model`` (after :func:`~qsearch.quant.quantize_model` and training) to ``path``.
-
-    ``layer_names`` are the candidate's layers in inventory order; each must be an
-    ``nn.Conv2d``/``nn.Linear`` of the model. Quantized layers not named are exported too
-    (after the named ones), so the file always rebuilds the whole model.
-
-    Returns the byte breakdown: ``code_bytes`` (packed codes), ``scale_bytes`` (scales and
-    per-filter zero points), ``float_bytes`` (all other tensors), ``metadata_bytes`` (the
-    safetensors header: tensor index plus metadata, and its 8-byte length) and
-    ``total_bytes`` (the file size).
-    """
+def _check_export_args(
+    model: nn.Module, candidate_json: str, path: str | os.PathLike, layer_names: list[str]
+) -> tuple[Path, dict[str, nn.Module]]:
+    """Validate :func:`export_model`'s arguments; returns the path and the modules by name."""
     try:
         json.loads(candidate_json)
     except (TypeError, ValueError) as e:
@@ -100,6 +86,86 @@ def export_model(
             f"layer_names {bad} are not nn.Conv2d/nn.Linear modules of the model: "
             "use names from model.named_modules()"
         )
+    return path, modules
+
+
+def _pack_layer(
+    name: str, layer: nn.Module, tensors: dict[str, torch.Tensor]
+) -> tuple[dict, int, int]:
+    """Pack one quantized layer's codes and scales into ``tensors``.
+
+    Returns the layer's metadata entries (``bits``, and ``zero`` when one number), its code
+    bytes and its scale bytes.
+    """
+    bits = int(layer.w_bits)
+    u, zero, scale = layer.weight_codes()
+    packed = torch.from_numpy(pack_codes(u.cpu().numpy(), bits))
+    tensors[f"{name}.weight:codes"] = packed
+    tensors[f"{name}.weight:scale"] = scale.detach().float().cpu().contiguous()
+    code_bytes, scale_bytes = packed.numel(), 4 * scale.numel()
+    info: dict = {"bits": bits}
+    if bool((zero == zero[0]).all()):
+        info["zero"] = float(zero[0])
+    else:
+        tensors[f"{name}.weight:zero"] = zero.detach().float().cpu().contiguous()
+        scale_bytes += 4 * zero.numel()
+    return info, code_bytes, scale_bytes
+
+
+def _layer_entry(
+    name: str, layer: nn.Module, tensors: dict[str, torch.Tensor], state: dict
+) -> tuple[dict, int, int]:
+    """Metadata of one layer; a quantized layer's weight is packed and dropped from ``state``.
+
+    Returns the metadata dict, its code bytes and its scale bytes.
+    """
+    info = {
+        "name": name,
+        "kind": "linear" if isinstance(layer, nn.Linear) else "conv",
+        "shape": list(layer.weight.shape),
+        "bits": 32,
+        "quantized": False,
+    }
+    if not isinstance(layer, QUANT_LAYERS):
+        return info, 0, 0
+    if isinstance(layer.w_bits, torch.Tensor):
+        raise QSearchError(
+            f"layer {name!r} has tensor bit-widths (fractional or kernel-wise): the "
+            "export stores one integer bit-width per layer; set layer.w_bits to an int"
+        )
+    a_bits, act = _act_info(layer)
+    info.update(quantized=True, scheme=layer.scheme, a_bits=a_bits, act=act)
+    if is_float_bits(layer.w_bits):
+        return info, 0, 0
+    packed_info, code_bytes, scale_bytes = _pack_layer(name, layer, tensors)
+    info.update(packed_info)
+    del state[f"{name}.weight"]
+    return info, code_bytes, scale_bytes
+
+
+def _write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> int:
+    """Write atomically (a reader never sees a half-written file); returns the file size."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path.stat().st_size
+
+
+def export_model(
+    model: nn.Module, candidate_json: str, path: str | os.PathLike, *, layer_names: list[str]
+) -> dict[str, int]:
+    """Write ``model`` (after :func:`~qsearch.qlayers.quantize_model` and training) to ``path``.
+
+    ``layer_names`` are the candidate's layers in inventory order; each must be an
+    ``nn.Conv2d``/``nn.Linear`` of the model. Quantized layers not named are exported too
+    (after the named ones), so the file always rebuilds the whole model.
+
+    Returns the byte breakdown: ``code_bytes`` (packed codes), ``scale_bytes`` (scales and
+    per-filter zero points), ``float_bytes`` (all other tensors), ``metadata_bytes`` (the
+    safetensors header: tensor index plus metadata, and its 8-byte length) and
+    ``total_bytes`` (the file size).
+    """
+    path, modules = _check_export_args(model, candidate_json, path, layer_names)
     quant = [n for n, m in model.named_modules() if isinstance(m, QUANT_LAYERS)]
     order = list(dict.fromkeys([*layer_names, *quant]))
 
@@ -107,38 +173,10 @@ def export_model(
     tensors: dict[str, torch.Tensor] = {}
     layers, code_bytes, scale_bytes = [], 0, 0
     for name in order:
-        layer = modules[name]
-        info = {
-            "name": name,
-            "kind": "linear" if isinstance(layer, nn.Linear) else "conv",
-            "shape": list(layer.weight.shape),
-            "bits": 32,
-            "quantized": False,
-        }
-        if isinstance(layer, QUANT_LAYERS):
-            if isinstance(layer.w_bits, torch.Tensor):
-                raise QSearchError(
-                    f"layer {name!r} has tensor bit-widths (fractional or kernel-wise): the "
-                    "export stores one integer bit-width per layer; set layer.w_bits to an int"
-                )
-            a_bits, act = _act_info(layer)
-            info.update(quantized=True, scheme=layer.scheme, a_bits=a_bits, act=act)
-            if not is_float_bits(layer.w_bits):
-                bits = int(layer.w_bits)
-                u, zero, scale = layer.weight_codes()
-                packed = torch.from_numpy(pack_codes(u.cpu().numpy(), bits))
-                tensors[f"{name}.weight:codes"] = packed
-                tensors[f"{name}.weight:scale"] = scale.detach().float().cpu().contiguous()
-                code_bytes += packed.numel()
-                scale_bytes += 4 * scale.numel()
-                if bool((zero == zero[0]).all()):
-                    info["zero"] = float(zero[0])
-                else:
-                    tensors[f"{name}.weight:zero"] = zero.detach().float().cpu().contiguous()
-                    scale_bytes += 4 * zero.numel()
-                info["bits"] = bits
-                del state[f"{name}.weight"]
+        info, n_codes, n_scales = _layer_entry(name, modules[name], tensors, state)
         layers.append(info)
+        code_bytes += n_codes
+        scale_bytes += n_scales
 
     float_bytes = 0
     for key, value in state.items():
@@ -152,10 +190,7 @@ def export_model(
         "candidate": candidate_json,
         "layers": json.dumps(layers),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)  # a reader never sees a half-written file
-    total = path.stat().st_size
+    total = _write(path, tensors, metadata)
     return {
         "code_bytes": code_bytes,
         "scale_bytes": scale_bytes,
@@ -185,17 +220,8 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     return meta
 
 
-def load_model(path: str | os.PathLike, build_fn: Callable[[str], nn.Module]) -> nn.Module:
-    """Rebuild an exported model, in eval mode, with the exact quantized weights.
-
-    ``build_fn(candidate_json)`` returns a fresh float model of the right width. The
-    quantized layers are recreated with :func:`~qsearch.quant.quantize_model`, their
-    weights set to ``(u - zero) * scale`` and marked ``frozen`` (used as is, not
-    re-quantized), and every other tensor is loaded from the file.
-    """
-    meta = read_metadata(path)
-    layers = json.loads(meta["layers"])
-    model = build_fn(meta["candidate"])
+def _requantize(model: nn.Module, layers: list[dict]) -> None:
+    """Recreate the exported quantized layers (and their input quantizers) in ``model``."""
     first = first_layer_name(model)
     for info in layers:
         if info["quantized"]:
@@ -209,6 +235,35 @@ def load_model(path: str | os.PathLike, build_fn: Callable[[str], nn.Module]) ->
                 act_scheme=info["act"],
             )
 
+
+def _load_packed(f, info: dict, layer: nn.Module, path: str | os.PathLike) -> None:
+    """Set ``layer``'s weight to ``(u - zero) * scale`` from the open file ``f``; freeze it."""
+    name, bits, shape = info["name"], info["bits"], info["shape"]
+    if list(layer.weight.shape) != shape:
+        raise QSearchError(
+            f"layer {name!r} is {list(layer.weight.shape)} in the model built from the "
+            f"candidate but {shape} in {str(path)!r}: build_fn must rebuild the same width"
+        )
+    count = int(np.prod(shape))
+    codes = f.get_tensor(f"{name}.weight:codes").numpy()
+    u = torch.from_numpy(unpack_codes(codes, bits, count)).view(shape[0], -1)
+    scale = f.get_tensor(f"{name}.weight:scale")
+    zero = (
+        f.get_tensor(f"{name}.weight:zero")
+        if info.get("zero") is None
+        else torch.full_like(scale, info["zero"])
+    )
+    w = ((u.to(scale.dtype) - zero[:, None]) * scale[:, None]).view(shape)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+    layer.frozen, layer.frozen_codes = True, (u, zero, scale)
+
+
+def _read_tensors(
+    path: str | os.PathLike, model: nn.Module, layers: list[dict]
+) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """Load the packed weights into ``model``'s layers; returns the plain tensors by
+    state_dict key and the keys of the packed weights."""
     modules = dict(model.named_modules())
     floats, packed = {}, set()
     with safe_open(str(path), framework="pt") as f:
@@ -218,28 +273,13 @@ def load_model(path: str | os.PathLike, build_fn: Callable[[str], nn.Module]) ->
         for info in layers:
             if not info["quantized"] or info["bits"] == 32:
                 continue
-            name, bits, shape = info["name"], info["bits"], info["shape"]
-            layer = modules[name]
-            if list(layer.weight.shape) != shape:
-                raise QSearchError(
-                    f"layer {name!r} is {list(layer.weight.shape)} in the model built from the "
-                    f"candidate but {shape} in {str(path)!r}: build_fn must rebuild the same width"
-                )
-            count = int(np.prod(shape))
-            codes = f.get_tensor(f"{name}.weight:codes").numpy()
-            u = torch.from_numpy(unpack_codes(codes, bits, count)).view(shape[0], -1)
-            scale = f.get_tensor(f"{name}.weight:scale")
-            zero = (
-                f.get_tensor(f"{name}.weight:zero")
-                if info.get("zero") is None
-                else torch.full_like(scale, info["zero"])
-            )
-            w = ((u.to(scale.dtype) - zero[:, None]) * scale[:, None]).view(shape)
-            with torch.no_grad():
-                layer.weight.copy_(w)
-            layer.frozen, layer.frozen_codes = True, (u, zero, scale)
-            packed.add(f"{name}.weight")
+            _load_packed(f, info, modules[info["name"]], path)
+            packed.add(f"{info['name']}.weight")
+    return floats, packed
 
+
+def _load_floats(model: nn.Module, floats: dict, packed: set[str], path: str | os.PathLike) -> None:
+    """Load every plain tensor; the file and the model must have the same entries."""
     try:
         missing, unexpected = model.load_state_dict(floats, strict=False)
     except RuntimeError as e:
@@ -253,6 +293,22 @@ def load_model(path: str | os.PathLike, build_fn: Callable[[str], nn.Module]) ->
             f"{missing[:5]}, unexpected {sorted(unexpected)[:5]}: build_fn must build the "
             "same architecture"
         )
+
+
+def load_model(path: str | os.PathLike, build_fn: Callable[[str], nn.Module]) -> nn.Module:
+    """Rebuild an exported model, in eval mode, with the exact quantized weights.
+
+    ``build_fn(candidate_json)`` returns a fresh float model of the right width. The
+    quantized layers are recreated with :func:`~qsearch.qlayers.quantize_model`, their
+    weights set to ``(u - zero) * scale`` and marked ``frozen`` (used as is, not
+    re-quantized), and every other tensor is loaded from the file.
+    """
+    meta = read_metadata(path)
+    layers = json.loads(meta["layers"])
+    model = build_fn(meta["candidate"])
+    _requantize(model, layers)
+    floats, packed = _read_tensors(path, model, layers)
+    _load_floats(model, floats, packed, path)
     return model.eval()
 
 

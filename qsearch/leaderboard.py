@@ -75,8 +75,8 @@ def _read_spec(d: Path) -> dict[str, Any]:
         raise QSearchError(f"{str(d)!r} is not a qsearch experiment (no {SPEC_FILE}): pass the "
                            f"--out directory of a `qsearch run`{hint}")
     try:
-        spec = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        spec = json.loads(path.read_bytes().decode())
+    except (OSError, ValueError) as e:  # ValueError: not UTF-8, not JSON
         raise QSearchError(f"{path} is unreadable ({e}): restore it, or leave {str(d)!r} "
                            "out of the list") from None
     if not isinstance(spec, dict):

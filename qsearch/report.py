@@ -22,9 +22,10 @@ import numpy as np
 import pandas as pd
 
 from qsearch.budget import format_cost
+from qsearch.files import SUMMARY_FILE
 from qsearch.leaderboard import display_rows, leaderboard, load_experiments
+from qsearch.planning import check_writable
 
-SUMMARY_FILE = "summary.json"  # as written by qsearch.tune.summarize
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1400px; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 13px; }
@@ -42,6 +43,8 @@ img { max-width: 100%; display: block; margin: 0.5em 0; }
 
 def build_report(dirs: Iterable[str | Path], out_path: str | Path) -> Path:
     """Write the HTML report of the experiments in ``dirs`` to ``out_path``; return its path."""
+    check_writable(out_path, directory=False, what="report file", flag="-o",
+                   example="report.html")
     dirs = [Path(d) for d in dirs]
     df = load_experiments(dirs)
     entries = leaderboard(df)
@@ -227,23 +230,18 @@ def _progress(rows: pd.DataFrame, colors: dict) -> tuple[Any, str] | None:
 
 # ----- DualPrecision grids -------------------------------------------------------------
 def _grid_sections(df: pd.DataFrame) -> list[str]:
-    """One table per experiment whose summary.json holds a grid (DualPrecision's or a
-    ``{"grid": ...}`` of any shape)."""
+    """One table per DualPrecision experiment, read from its summary.json."""
     out = []
     experiments = df.drop_duplicates("experiment_dir").sort_values(["strategy", "budget_value"])
     for _, r in experiments.iterrows():
         summary = _read_json(Path(r["experiment_dir"]) / SUMMARY_FILE)
-        if not isinstance(summary, dict):
-            continue
-        grid = summary.get("grid")
-        if grid is None and r["strategy"] == "dualprecision" and "table" in summary:
-            grid = summary
-        if grid is None:
+        if r["strategy"] != "dualprecision" or not isinstance(summary, dict) \
+                or not isinstance(summary.get("table"), list):
             continue
         out.append(f"<h3>{_esc(r['strategy'])} @ "
                    f"{_esc(format_cost(r['budget_value'], r['budget_kind']))} "
                    f"({_esc(r['model'])}/{_esc(r['dataset'])}, {_esc(r['experiment_dir'])})</h3>")
-        out.append(_grid_html(grid))
+        out.append(_grid_html(summary))
     return out
 
 
@@ -254,37 +252,23 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def _grid_html(grid: Any) -> str:
-    """Render a grid of whatever shape as an HTML table.
+def _grid_html(grid: dict) -> str:
+    """DualPrecision's grid (``strategies/dualprecision.py`` summary) as an HTML table:
+    ``table[i][j]`` is the search validation accuracy with ``row_bits[i]`` depthwise bits and
+    ``col_bits[j]`` other bits (None where the model has no such group); the best cell is
+    highlighted."""
+    table = [r if isinstance(r, list) else [r] for r in grid["table"]]
+    rows_name, cols_name = grid.get("rows", "rows"), grid.get("cols", "cols")
+    row_bits = grid.get("row_bits") or list(range(len(table)))
+    col_bits = grid.get("col_bits") or list(range(max(map(len, table), default=0)))
+    best = grid.get("best") if isinstance(grid.get("best"), dict) else {}
 
-    DualPrecision's summary (``strategies/dualprecision.py``): ``table[i][j]`` is the search
-    validation accuracy with ``row_bits[i]`` depthwise bits and ``col_bits[j]`` other bits
-    (None where the model has no such group); the best cell is highlighted. Also handled:
-    a list of lists, a list of records, a dict of dicts, a flat dict; else the JSON text.
-    """
-    if isinstance(grid, dict) and isinstance(grid.get("table"), list):
-        table = [r if isinstance(r, list) else [r] for r in grid["table"]]
-        rows_name, cols_name = grid.get("rows", "rows"), grid.get("cols", "cols")
-        row_bits = grid.get("row_bits") or list(range(len(table)))
-        col_bits = grid.get("col_bits") or list(range(max(map(len, table), default=0)))
-        best = grid.get("best") if isinstance(grid.get("best"), dict) else {}
-        def is_best(i: int, j: int) -> bool:
-            return bool(best) and best.get(rows_name) == _at(row_bits, i) \
-                and best.get(cols_name) == _at(col_bits, j)
-        return _matrix(table, [_bits_label(b) for b in row_bits],
-                       [_bits_label(b) for b in col_bits],
-                       f"{rows_name} \\ {cols_name} bits", is_best, percent=True)
-    if isinstance(grid, list) and grid and all(isinstance(r, list) for r in grid):
-        return _matrix(grid, None, None, "")
-    if isinstance(grid, list) and grid and all(isinstance(r, dict) for r in grid):
-        keys = list(dict.fromkeys(k for r in grid for k in r))
-        return _matrix([[r.get(k) for k in keys] for r in grid], None, keys, "")
-    if isinstance(grid, dict) and grid and all(isinstance(v, dict) for v in grid.values()):
-        keys = list(dict.fromkeys(k for v in grid.values() for k in v))
-        return _matrix([[v.get(k) for k in keys] for v in grid.values()], list(grid), keys, "")
-    if isinstance(grid, dict) and grid:
-        return _matrix([[v] for v in grid.values()], list(grid), ["value"], "")
-    return f"<pre>{_esc(json.dumps(grid, indent=1, default=str))}</pre>"
+    def is_best(i: int, j: int) -> bool:
+        return bool(best) and best.get(rows_name) == _at(row_bits, i) \
+            and best.get(cols_name) == _at(col_bits, j)
+    return _matrix(table, [_bits_label(b) for b in row_bits],
+                   [_bits_label(b) for b in col_bits],
+                   f"{rows_name} \\ {cols_name} bits", is_best)
 
 
 def _at(seq: Sequence, i: int) -> Any:
@@ -295,27 +279,18 @@ def _bits_label(b: Any) -> str:
     return "n/a" if b is None else str(b)
 
 
-def _matrix(table: Sequence[Sequence[Any]], row_labels: Sequence[Any] | None,
-            col_labels: Sequence[Any] | None, corner: str, is_best: Any = None, *,
-            percent: bool = False) -> str:
-    out = ["<table>"]
-    if col_labels is not None:
-        lead = f"<th>{_esc(corner)}</th>" if row_labels is not None else ""
-        out.append("<tr>" + lead + "".join(f"<th>{_esc(c)}</th>" for c in col_labels) + "</tr>")
+def _matrix(table: Sequence[Sequence[Any]], row_labels: Sequence[Any],
+            col_labels: Sequence[Any], corner: str, is_best: Any) -> str:
+    out = ["<table>", "<tr>" + f"<th>{_esc(corner)}</th>"
+           + "".join(f"<th>{_esc(c)}</th>" for c in col_labels) + "</tr>"]
     for i, row in enumerate(table):
-        lead = f"<th>{_esc(row_labels[i])}</th>" if row_labels is not None else ""
-        cells = "".join(
-            f"<td{' class=best' if is_best and is_best(i, j) else ''}>"
-            f"{_esc(_cell(v, percent))}</td>" for j, v in enumerate(row))
-        out.append(f"<tr>{lead}{cells}</tr>")
+        cells = "".join(f"<td{' class=best' if is_best(i, j) else ''}>{_esc(_cell(v))}</td>"
+                        for j, v in enumerate(row))
+        out.append(f"<tr><th>{_esc(row_labels[i])}</th>{cells}</tr>")
     return "\n".join(out) + "</table>"
 
 
-def _cell(v: Any, percent: bool) -> str:
+def _cell(v: Any) -> str:
     if v is None:
         return "–"
-    if isinstance(v, float):
-        return f"{v:.2%}" if percent else f"{v:.4g}"
-    if isinstance(v, (dict, list)):
-        return json.dumps(v, default=str)
-    return str(v)
+    return f"{v:.2%}" if isinstance(v, float) else str(v)

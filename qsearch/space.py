@@ -7,10 +7,13 @@ evaluated from ``family.plan(width)`` alone, so costs and width alignment need n
 Costs (all vectorised over layers):
 
 - ``C_size`` (Eq. 6, DualPrecision / One-Bitwidth): sum over filters of b x Cin/groups x Kw x Kh;
-  conv and fc weights only (no bias, no BN).
+  conv and fc weights only (no BN; biases only with ``count_bias``, at the layer's bits, as
+  FracBits Sec. 3.2 counts "weights (and bias)").
 - BitOPs (FracBits Sec. 3.3, Eq. 6b): per layer MACs x weight bits x input-activation bits;
   a depthwise layer's MACs count Cin/groups = 1 channel per filter; the first layer reads the
-  8-bit image; every other layer (fc included) reads activations at ``a_bits``.
+  8-bit image; every other layer (fc included) reads activations at ``a_bits``; a float (32-bit)
+  pinned layer counts 32 weight bits. With the default 8-bit pins this reproduces FracBits'
+  ResNet-18 figures (Table 3: 22.83 G at 3 bit, 34.70 G at 4 bit; see docs/cost-model.md).
 - Inference memory footprint (DualPrecision Appendix F): largest input feature map + largest
   output feature map + all weights, for a batch of one.
 - Packed size estimate: weight codes bit-packed per layer + one float32 scale per quantized
@@ -34,6 +37,22 @@ from qsearch.spaces import Ch, Family, get_family
 
 INPUT_BITS = 8  # the image enters the first layer as 8-bit data
 DEFAULT_BIT_CHOICES = (1, 2, 4, 8)
+PIN_CHOICES = (*range(1, 9), FLOAT_BITS)  # bits a pinned first/last layer may have
+
+
+def parse_pin_bits(text: str) -> int | None:
+    """``--pin-bits``: ``8`` (the papers), ``32`` (float first and last layer), any of 1..8,
+    or ``none`` (first and last layer free like the others)."""
+    if text.strip().lower() in ("none", "free"):
+        return None
+    try:
+        bits = int(text)
+    except ValueError:
+        bits = -1
+    if bits not in PIN_CHOICES:
+        raise QSearchError(f"pin bits {text!r} not understood: use 8 (the papers), 32 (float "
+                           "first and last layer), 1..7, or none (free them)")
+    return bits
 
 
 @dataclass(frozen=True)
@@ -53,6 +72,7 @@ class Layer:
     cin_key: str | None
     cout_key: str | None
     groups_key: str | None
+    bias: bool = False  # one bias per output channel (fc; counted in C_size on request)
 
     @property
     def fan_in(self) -> int:
@@ -123,7 +143,7 @@ def trace_layers(family: Family, plan: dict, *, in_channels: int, num_classes: i
                     else "pointwise" if kernel == (1, 1) else "conv")
         layers.append(Layer(i, name, role, int(cin), int(cout), int(groups), kernel, stride,
                             hw_in, hw_out, _key(cin), _key(cout),
-                            _key(groups) if groups > 1 else None))
+                            _key(groups) if groups > 1 else None, m.bias is not None))
     extras = []
     for mod in model.modules():
         if isinstance(mod, nn.modules.batchnorm._BatchNorm):
@@ -143,17 +163,20 @@ class SearchSpace:
         a_bits: activation bits of candidates (4 matches the papers' CIFAR setting and is
             iso-accurate with float on Fashion-MNIST in our runs; 32 = float).
         bit_choices: weight bit-widths strategies may assign to free layers.
-        pin_bits: bits of the first and last layer (8, as in the papers); None frees them.
+        pin_bits: bits of the first and last layer (8, as in the papers; 32 = float); None
+            frees them.
         fixed_first / fixed_last: keep the stem / final feature channels at their 1x value
             (default: True for ImageNet-resolution families, as the papers do).
         width_bounds: the range width alignment may search.
+        count_bias: also count conv/fc biases in C_size, at their layer's weight bits
+            (FracBits' model size; off by default, as DualPrecision / One-Bitwidth count).
     """
 
     def __init__(self, model: str = "resnet20", dataset: str = "fashion-mnist", *,
                  data_root: str | None = None, a_bits: int = 4,
                  bit_choices: Sequence[int] = DEFAULT_BIT_CHOICES, pin_bits: int | None = 8,
                  fixed_first: bool | None = None, fixed_last: bool | None = None,
-                 width_bounds: tuple[float, float] = (0.05, 32.0)):
+                 width_bounds: tuple[float, float] = (0.05, 32.0), count_bias: bool = False):
         self.model, self.dataset = model, dataset
         self.family = get_family(model)
         self.info = dataset_info(dataset, data_root)
@@ -161,6 +184,9 @@ class SearchSpace:
         if bad or not bit_choices:
             raise QSearchError(f"bit choices {list(bit_choices)} not allowed: use values "
                                "from 1..8 (32 = float), e.g. --bit-choices 1,2,4,8")
+        if pin_bits is not None and pin_bits not in PIN_CHOICES:
+            raise QSearchError(f"pin bits {pin_bits!r} not allowed: use 1..8, 32 (float first "
+                               "and last layer) or None (free them), e.g. --pin-bits 8")
         lo, hi = width_bounds
         if not 0 < lo < hi:
             raise QSearchError(f"width bounds ({lo}, {hi}) invalid: need 0 < min < max, "
@@ -168,6 +194,7 @@ class SearchSpace:
         self.a_bits = a_bits
         self.bit_choices = tuple(sorted(set(bit_choices)))
         self.pin_bits = pin_bits
+        self.count_bias = bool(count_bias)
         self.width_bounds = (float(lo), float(hi))
         imagenet = self.info.image_size >= 128
         self.fixed_first = imagenet if fixed_first is None else fixed_first
@@ -178,14 +205,18 @@ class SearchSpace:
         self._kernel = np.array([l.kernel[0] * l.kernel[1] for l in self.layers], float)
         self._hw_out = np.array([l.out_hw[0] * l.out_hw[1] for l in self.layers], float)
         self._hw_in = np.array([l.in_hw[0] * l.in_hw[1] for l in self.layers], float)
+        self._bias = np.array([l.bias and self.count_bias for l in self.layers], float)
 
     # ----- structure -------------------------------------------------------------------
     def describe(self) -> dict:
         """Everything that defines the space, as plain data (for specs and hashes)."""
-        return {"model": self.model, "dataset": self.dataset, "a_bits": self.a_bits,
-                "bit_choices": list(self.bit_choices), "pin_bits": self.pin_bits,
-                "fixed_first": self.fixed_first, "fixed_last": self.fixed_last,
-                "width_bounds": list(self.width_bounds)}
+        out = {"model": self.model, "dataset": self.dataset, "a_bits": self.a_bits,
+               "bit_choices": list(self.bit_choices), "pin_bits": self.pin_bits,
+               "fixed_first": self.fixed_first, "fixed_last": self.fixed_last,
+               "width_bounds": list(self.width_bounds)}
+        if self.count_bias:  # only when set, so existing spaces keep their descriptions
+            out["count_bias"] = True
+        return out
 
     @property
     def pinned(self) -> dict[int, int]:
@@ -271,9 +302,16 @@ class SearchSpace:
         cin, cout, groups = self.shapes(at)
         return cout * (cin / groups) * self._kernel
 
+    def _size_bits(self, cand: Candidate) -> np.ndarray:
+        """C_size per layer: bits x weights (+ bits x biases with ``count_bias``)."""
+        counted = self.params(cand)
+        if self.count_bias:
+            counted = counted + self._bias * self.shapes(cand)[1]
+        return np.asarray(cand.w_bits, float) * counted
+
     def c_size(self, cand: Candidate) -> float:
         """Eq. (6): sum over filters of b(i) x Cin(i)/groups x Kw(i) x Kh(i), in bits."""
-        return float(np.dot(np.asarray(cand.w_bits, float), self.params(cand)))
+        return float(np.sum(self._size_bits(cand)))
 
     def _act_bits(self, a_bits: int) -> np.ndarray:
         a = np.full(len(self.layers), float(a_bits))
@@ -390,7 +428,7 @@ class SearchSpace:
         cin, cout, groups = self.shapes(cand)
         params = self.params(cand)
         bits = np.asarray(cand.w_bits, float)
-        size = bits * params
+        size = self._size_bits(cand)
         bitops = params * self._hw_out * bits * self._act_bits(cand.a_bits)
         rows = []
         for l, ci, co, g, s, bo, b in zip(self.layers, cin, cout, groups, size, bitops,

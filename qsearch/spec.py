@@ -9,9 +9,11 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
+import re
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from functools import lru_cache
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qsearch import QSearchError
@@ -20,9 +22,34 @@ if TYPE_CHECKING:
     from qsearch.space import SearchSpace
 
 SPEC_VERSION = 1
+MAX_WIDTH = 64.0  # widest multiplier a search may build (resnet20 at 64x: ~1e9 weights)
+MAX_SEED = 2**32 - 1  # numpy and torch seeds
+MAX_EXPERIMENTS = 1000  # experiments one recipe's matrix may expand to
+MAX_RECIPE_BYTES = 1_000_000  # recipes are a few KB: anything larger is refused unread
+MAX_YAML_DEPTH = 50  # nesting levels
+MAX_YAML_VALUES = 100_000  # values after alias expansion (a "billion laughs" is refused)
+# host or IPv4 address, optional port: what `ray start --head` prints
+_ADDRESS = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?::(\d{1,5}))?$")
+_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,),
+          "dict": (dict,), "list": (list,)}
 
 # Trial length of a search trial: short proxy training (see README "Trial length").
 DEFAULT_TRAIN = {"steps": 300, "batch_size": 128}
+
+
+def check_type(what: str, value: Any, annotation: str) -> None:
+    """``value`` fits the annotation text (``"float | None"``, ``"int"``, ...): bools are
+    not numbers and floats are finite. ``what`` names the setting in the message."""
+    if value is None and "None" in annotation:
+        return
+    want = _TYPES.get(annotation.split(" | ")[0].split("[")[0])
+    if want is None:
+        return
+    number = bool not in want and isinstance(value, bool)
+    if number or not isinstance(value, want):
+        raise QSearchError(f"{what} = {value!r} has the wrong type: expected {annotation}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise QSearchError(f"{what} = {value!r} must be a finite number")
 
 
 @dataclass
@@ -58,37 +85,53 @@ class Spec:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            value = getattr(self, f.name)
-            if value is None:
-                continue
-            want = {"str": str, "int": int, "float": (int, float), "bool": bool,
-                    "dict": dict, "list": list}
-            base = f.type.split(" | ")[0].split("[")[0]
-            ok = want.get(base)
-            if ok and (not isinstance(value, ok) or (ok is int and isinstance(value, bool))):
-                raise QSearchError(f"spec key {f.name!r} = {value!r} has the wrong type: "
-                                   f"expected {f.type}")
+            check_type(f"spec key {f.name!r}", getattr(self, f.name), f.type)
         if self.version != SPEC_VERSION:
             raise QSearchError(f"spec version {self.version} not supported: this qsearch "
                                f"reads version {SPEC_VERSION}")
-        if self.final_seeds < 0:
-            raise QSearchError(f"final_seeds = {self.final_seeds}: must be 0 (no final "
-                               "retrain) or more, e.g. --final-seeds 3")
-        if self.trials < 1:
-            raise QSearchError(f"trials = {self.trials}: must be at least 1, e.g. --trials 8")
-        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
-            raise QSearchError(f"resources per trial invalid (cpus {self.cpus_per_trial}, "
-                               f"gpus {self.gpus_per_trial}): cpus > 0, gpus >= 0")
-        if self.concurrency is not None and self.concurrency < 1:
-            raise QSearchError(f"concurrency = {self.concurrency}: must be at least 1")
-        if self.width_min >= self.width_max or self.width_min <= 0:
-            raise QSearchError(f"width bounds min {self.width_min} >= max {self.width_max}:"
-                               " need 0 < --width-min < --width-max")
+        for ok, problem in self._rules():
+            if not ok:
+                raise QSearchError(problem)
+
+    def _rules(self) -> list[tuple[bool, str]]:
+        """(holds, what to say when it does not) for every value check of a spec."""
+        bits, address = self.bit_choices, self.address
+        return [
+            (self.final_seeds >= 0, f"final_seeds = {self.final_seeds}: must be 0 (no final "
+             "retrain) or more, e.g. --final-seeds 3"),
+            (self.trials >= 1, f"trials = {self.trials}: must be at least 1, e.g. --trials 8"),
+            (0 <= self.seed <= MAX_SEED, f"seed = {self.seed}: use an integer from 0 to "
+             f"{MAX_SEED}, e.g. --seed 0"),
+            (self.cpus_per_trial > 0 and self.gpus_per_trial >= 0, "resources per trial "
+             f"invalid (cpus {self.cpus_per_trial}, gpus {self.gpus_per_trial}): cpus > 0, "
+             "gpus >= 0"),
+            (self.concurrency is None or self.concurrency >= 1,
+             f"concurrency = {self.concurrency}: must be at least 1"),
+            (self.max_failures >= 0, f"max_failures = {self.max_failures}: retries of a "
+             "failed trial must be 0 or more (Ray reads a negative number as retrying "
+             "forever), e.g. --max-failures 2"),
+            (0 < self.width_min < self.width_max, f"width bounds min {self.width_min}, max "
+             f"{self.width_max} invalid: need 0 < --width-min < --width-max"),
+            (self.width_max <= MAX_WIDTH, f"width_max = {self.width_max}: the widest "
+             f"multiplier qsearch builds is {MAX_WIDTH:g}, e.g. --width-max 32"),
+            (bool(bits) and all(isinstance(b, int) and not isinstance(b, bool) for b in bits),
+             f"bit_choices {bits!r} must be a list of integers, e.g. --bit-choices 1,2,4,8"),
+            (address is None or _address_ok(address), f"address {address!r} not "
+             "understood: give the Ray head node as host:port (port 6379 by default), e.g. "
+             "--address 10.0.0.5:6379"),
+            (self.out is None or self.out.strip() != "", f"out {self.out!r} is empty: give "
+             "a directory, e.g. --out runs/exp1, or leave it out for runs/<strategy>-<time>"),
+            (self.name is None or self.name.strip() != "", f"name {self.name!r} is empty: "
+             "give an id, e.g. --name fmnist-32KB, or leave it out for the directory name"),
+        ]
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "spec") -> Spec:
+        if not isinstance(d, dict):
+            raise QSearchError(f"{source} must be a mapping of spec keys, got "
+                               f"{type(d).__name__}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(set(d) - known, key=str)
         if unknown:
             raise QSearchError(f"unknown key(s) {unknown} in {source}: valid keys are "
                                f"{', '.join(sorted(known))}")
@@ -108,17 +151,46 @@ class Spec:
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def _address_ok(address: str) -> bool:
+    m = _ADDRESS.match(address)
+    return m is not None and 1 <= int(m.group(1) or 6379) <= 65535
+
+
+def read_spec(path: Path) -> Spec:
+    """The spec stored in an experiment directory (``spec.json``), checked."""
+    try:
+        d = json.loads(path.read_bytes().decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise QSearchError(f"{str(path)!r} is corrupted ({e}): restore it from a backup or "
+                           "start a new experiment") from None
+    if not isinstance(d, dict):
+        raise QSearchError(f"{str(path)!r} is corrupted: it holds a {type(d).__name__}, not "
+                           "a spec (a JSON object); restore it or start a new experiment")
+    return Spec.from_dict(d, source=str(path))
+
+
 def expand_matrix(base: dict[str, Any], strategies: list[str]) -> list[dict[str, Any]]:
     """A recipe's ``matrix`` becomes one spec dict per combination, each with its own
     ``out`` below the recipe's ``out``. The matrix maps spec keys to lists of values (their
     product is taken; ``strategy: all`` means every registered strategy), or is a list of
-    mappings, one per experiment."""
+    mappings, one per experiment. Two experiments may not share a directory."""
     base = dict(base)
     matrix = base.pop("matrix", None)
     if matrix is None:
         return [base]
-    usage = ("recipe key 'matrix' must map spec keys to lists, e.g. {strategy: all, budget: "
-             "[16KB, 48KB]}, or list one mapping per experiment")
+    root = base.get("out") or "runs/recipe"
+    specs: dict[str, dict[str, Any]] = {}
+    for combo in _combinations(matrix, strategies):
+        out = str(Path(str(root)) / "-".join(str(v) for _, v in combo))
+        if out in specs:
+            raise QSearchError(f"matrix gives two experiments the directory {out!r} "
+                               f"({dict(combo)!r} twice): list each value once")
+        specs[out] = {**base, **dict(combo), "out": out}
+    return list(specs.values())
+
+
+def _combinations(matrix: Any, strategies: list[str]) -> list[tuple[tuple[Any, Any], ...]]:
+    """The (key, value) pairs of each experiment of a matrix, at most MAX_EXPERIMENTS."""
     if isinstance(matrix, list) and matrix and all(isinstance(m, dict) for m in matrix):
         combos = [tuple(m.items()) for m in matrix]
     elif isinstance(matrix, dict) and matrix:
@@ -130,37 +202,136 @@ def expand_matrix(base: dict[str, Any], strategies: list[str]) -> list[dict[str,
                 raise QSearchError(f"matrix key {key!r} must be a non-empty list, got "
                                    f"{values!r}")
             axes.append([(key, v) for v in values])
-        combos = list(itertools.product(*axes))
+        n = math.prod(len(a) for a in axes)
+        combos = list(itertools.product(*axes)) if n <= MAX_EXPERIMENTS else []
     else:
-        raise QSearchError(usage)
-    root = base.get("out") or "runs/recipe"
-    specs = []
-    for combo in combos:
-        d = {**base, **dict(combo)}
-        d["out"] = str(Path(root) / "-".join(str(v) for _, v in combo))
-        specs.append(d)
-    return specs
+        raise QSearchError("recipe key 'matrix' must map spec keys to lists, e.g. {strategy: "
+                           "all, budget: [16KB, 48KB]}, or list one mapping per experiment")
+    if not 0 < len(combos) <= MAX_EXPERIMENTS:
+        raise QSearchError(f"matrix expands to more than {MAX_EXPERIMENTS} experiments: "
+                           "split the recipe")
+    return combos
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """A recipe as a dict (safe loader only); errors name the file and the fix."""
-    import yaml
-
+    """A recipe as a dict (safe loader, bounded: see ``parse_yaml``); errors name the file
+    and the fix."""
     p = Path(path)
     if not p.is_file():
         raise QSearchError(f"recipe {str(p)!r} not found: give a path to a YAML file, e.g. "
                            "experiments/leaderboard-fmnist.yaml")
+    size = p.stat().st_size
+    if size > MAX_RECIPE_BYTES:
+        raise QSearchError(f"recipe {str(p)!r} is {size:,} bytes: recipes are a few KB, at "
+                           f"most {MAX_RECIPE_BYTES:,}; give the YAML recipe, not a data file")
     try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise QSearchError(f"recipe {str(p)!r} is not valid YAML{where}: "
-                           f"{getattr(e, 'problem', e)}; fix the file") from None
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise QSearchError(f"recipe {str(p)!r} is not a text file (not UTF-8): give a YAML "
+                           "recipe, e.g. experiments/leaderboard-fmnist.yaml") from None
+    data = parse_yaml(text, f"recipe {str(p)!r}")
     if not isinstance(data, dict):
         raise QSearchError(f"recipe {str(p)!r} must be a mapping of spec keys, "
                            f"got {type(data).__name__}")
     return data
+
+
+def parse_yaml(text: str, what: str, fix: str = "fix the file") -> Any:
+    """YAML with the safe loader, refusing duplicate keys (a silent "last one wins" hides
+    typos), nesting beyond MAX_YAML_DEPTH and documents whose aliases expand beyond
+    MAX_YAML_VALUES values (the "billion laughs"). ``what`` names the text in errors,
+    ``fix`` says what to do."""
+    import yaml
+
+    loader = None
+    try:
+        loader = _bounded_loader()(text)  # refuses non-printable characters at once
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, {}, set())
+        return loader.construct_document(node)
+    except _Refused as e:
+        raise QSearchError(f"{what} is refused at line {e.line}: {e}; {fix}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise QSearchError(f"{what} is not valid YAML{where}: {getattr(e, 'problem', e)}; "
+                           f"{fix}") from None
+    except (ValueError, RecursionError) as e:  # e.g. an integer of 5000 digits
+        raise QSearchError(f"{what} cannot be read: {str(e).split(';')[0]}; {fix}") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+class _Refused(Exception):
+    """A YAML document beyond the loader's bounds, at a position (``line``, 1-based)."""
+
+    def __init__(self, why: str, mark: Any):
+        super().__init__(why)
+        self.line = mark.line + 1
+
+
+def _expanded_size(node: Any, sizes: dict[int, int], open_: set[int]) -> int:
+    """Values a node stands for once its aliases are expanded (memoised per node)."""
+    from yaml import MappingNode, SequenceNode
+
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in open_:
+        raise _Refused("an alias refers to a value that contains it", node.start_mark)
+    open_.add(id(node))
+    children: list = []
+    if isinstance(node, SequenceNode):
+        children = node.value
+    elif isinstance(node, MappingNode):
+        children = [n for pair in node.value for n in pair]
+    size = 1 + sum(_expanded_size(c, sizes, open_) for c in children)
+    if size > MAX_YAML_VALUES:
+        raise _Refused(f"more than {MAX_YAML_VALUES:,} values once aliases are expanded",
+                       node.start_mark)
+    open_.discard(id(node))
+    sizes[id(node)] = size
+    return size
+
+
+@lru_cache(maxsize=1)
+def _bounded_loader() -> type:
+    import yaml
+    from yaml.constructor import ConstructorError
+
+    class Loader(yaml.SafeLoader):
+        depth = values = 0
+
+        def compose_node(self, parent, index):
+            self.depth += 1
+            self.values += 1  # stop early: composing is the slow part of a large file
+            try:
+                if self.depth > MAX_YAML_DEPTH or self.values > MAX_YAML_VALUES:
+                    why = (f"nested deeper than {MAX_YAML_DEPTH} levels"
+                           if self.depth > MAX_YAML_DEPTH else
+                           f"more than {MAX_YAML_VALUES:,} values")
+                    raise _Refused(why, self.peek_event().start_mark)
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+        def construct_mapping(self, node, deep=False):
+            seen: dict[Any, int] = {}
+            for key_node, _ in getattr(node, "value", []):
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, (str, int, float, bool, type(None))):
+                    continue  # the safe loader itself refuses unhashable keys
+                if key in seen:
+                    raise ConstructorError(None, None, f"duplicate key {key!r} (first at "
+                                           f"line {seen[key] + 1})", key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+            return super().construct_mapping(node, deep)
+
+    return Loader
 
 
 def space_from_spec(spec: Spec) -> SearchSpace:

@@ -61,16 +61,29 @@ class ResultsStore:
         self.rows: list[dict[str, Any]] = self._read() if self.path.exists() else []
 
     def _read(self) -> list[dict[str, Any]]:
+        where = repr(str(self.path))
         try:
             table = pq.read_table(self.path)
-        except (pa.ArrowInvalid, OSError) as e:
-            raise QSearchError(f"results file {str(self.path)!r} is unreadable ({e}); "
-                               "restore it from a backup or start a new experiment") from None
+        except (pa.ArrowException, OSError) as e:
+            raise QSearchError(f"results file {where} is unreadable ({e}); restore it from a "
+                               "backup or start a new experiment") from None
         meta = table.schema.metadata or {}
-        version = int(meta.get(b"qsearch_schema_version", b"0"))
-        if version != SCHEMA_VERSION:
-            raise QSearchError(f"results file {str(self.path)!r} has schema version {version}; "
+        version = meta.get(b"qsearch_schema_version", b"0").decode(errors="replace")
+        if version != str(SCHEMA_VERSION):
+            raise QSearchError(f"results file {where} has schema version {version[:20]}; "
                                f"this qsearch reads version {SCHEMA_VERSION}")
+        fix = "restore it from a backup or start a new experiment"
+        missing = [n for n in SCHEMA.names if n not in table.column_names]
+        extra = [n for n in table.column_names if n not in SCHEMA.names]
+        if missing or extra:
+            raise QSearchError(f"results file {where} does not hold qsearch results (it lacks "
+                               f"{len(missing)} of their columns {missing[:3]}, and has "
+                               f"{len(extra)} others {extra[:3]}); {fix}")
+        try:
+            table = table.select(SCHEMA.names).cast(SCHEMA)
+        except pa.ArrowException as e:
+            raise QSearchError(f"results file {where} has columns of the wrong type ({e}); "
+                               f"{fix}") from None
         return table.to_pylist()
 
     def has(self, trial_id: str, stage: str = "search") -> bool:

@@ -1,17 +1,21 @@
 """The strategy contract: ask for a trial, tell its result, save and restore state.
 
-Strategies never import Ray: :mod:`qsearch.tune` adapts any strategy into a Ray Tune
+Strategies never import Ray: :mod:`qsearch.ray_tune` adapts any strategy into a Ray Tune
 ``Searcher``, so a strategy is unit-tested with a plain loop (see ``run_local``).
 
 A :class:`Proposal` names a *task* (how the trial runs, see :mod:`qsearch.tasks`) and its
 inputs. Most strategies propose ``task="train"`` with a width-aligned candidate; a strategy
 whose search is itself a training run (FracBits) or that needs a trained float model first
-(MixQuant) registers its own task in its own file, so the runner has no special cases.
+(MixQuant) registers its own task beside its own file, so the runner has no special cases.
+:class:`GridStrategy` proposes a fixed list of cells, optionally planned from the result of
+a first "prelude" trial (MixQuant's float model).
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
+import json
 import math
 import pkgutil
 import warnings
@@ -63,6 +67,18 @@ class Result:
     def ok(self) -> bool:
         return self.status == "ok" and math.isfinite(self.val_acc)
 
+    def to_dict(self) -> dict:  # NaN is not JSON: a missing accuracy is stored as null
+        acc = float(self.val_acc)
+        return {"status": self.status, "val_acc": acc if math.isfinite(acc) else None,
+                "candidate": self.candidate.to_dict() if self.candidate else None,
+                "metrics": self.metrics, "error": self.error}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Result:
+        cand = Candidate.from_dict(d["candidate"]) if d.get("candidate") else None
+        acc = float("nan") if d.get("val_acc") is None else float(d["val_acc"])
+        return cls(d["status"], acc, cand, dict(d.get("metrics") or {}), d.get("error"))
+
 
 class Strategy(ABC):
     """Base class. Subclasses implement ``ask`` and ``tell``; the rest is optional.
@@ -74,11 +90,13 @@ class Strategy(ABC):
     """
 
     name: ClassVar[str]
-    max_trials: int | None = None  # the search's trial limit, set by the runner before asking
 
     def __init__(self, space: SearchSpace, budget: Budget, *, seed: int = 0):
         self.space, self.budget, self.seed = space, budget, seed
         self.rng = np.random.default_rng(seed)
+        # The search's trial limit, which the runner assigns before the first ask. A plain
+        # attribute: a strategy that sizes its plan by it reads it when it plans.
+        self.max_trials: int | None = None
 
     @abstractmethod
     def ask(self, trial_id: str) -> Proposal | None | str:
@@ -99,6 +117,12 @@ class Strategy(ABC):
     def load_state_dict(self, state: dict) -> None:
         self.rng.bit_generator.state = state["rng"]
 
+    def should_stop(self, trial_id: str, metrics: dict) -> bool:
+        """Asked at each intermediate report of a running trial (``metrics``: step, epoch,
+        val_acc, ...); True stops it at that evaluation, and its task returns what it has
+        (stored with status ``stopped``). Default: never."""
+        return False
+
     def summary(self) -> dict:
         """Extra results worth showing (e.g. DualPrecision's grid table); plain data."""
         return {}
@@ -107,10 +131,29 @@ class Strategy(ABC):
         """Lines for the end-of-run summary on the console (default: none)."""
         return ""
 
+    def expected_trials(self) -> int | None:
+        """How many trials this search will run, when it knows (progress ETA); default
+        the trial limit."""
+        return self.max_trials
+
     def align(self, bits, a_bits: int | None = None) -> Candidate:
         """Bits (any form ``SearchSpace.candidate`` takes) width-aligned to the budget."""
         cand = self.space.candidate(bits, a_bits=a_bits)
         return self.space.align(cand, self.budget).candidate
+
+
+def bit_subset(strategy: str, bits: object, space: SearchSpace) -> list[int]:
+    """A strategy's ``bits`` option: a non-empty list of the space's bit choices (default:
+    all of them), in the given order."""
+    if bits is None:
+        return list(space.bit_choices)
+    ok = isinstance(bits, (list, tuple)) and bits and all(
+        isinstance(b, int) and not isinstance(b, bool) and b in space.bit_choices for b in bits)
+    if not ok:
+        raise QSearchError(f"{strategy} bits={bits!r} not allowed: give a list from the "
+                           f"space's bit choices {list(space.bit_choices)}, e.g. "
+                           "--strategy-arg bits=[2,4] (or widen --bit-choices)")
+    return list(bits)
 
 
 def failure_reason(result: Result) -> str:
@@ -129,26 +172,64 @@ def record_result(done: dict[int, float], errors: dict[int, str], i: int,
 
 
 class GridStrategy(Strategy):
-    """Proposes each cell of a fixed list once, then FINISHED.
+    """Proposes each cell of a list once, then FINISHED.
 
-    Subclasses set ``self.cells`` (JSON-able values) and implement ``propose(cell)``.
+    Subclasses implement ``propose(cell)`` and set ``self.cells`` (JSON-able values) in
+    ``__init__``. A grid that depends on an earlier trial's outcome (MixQuant's candidates
+    come from the QE table of a trained float model) leaves ``self.cells`` None and
+    implements ``plan``: the first ask runs the ``prelude()`` trial, if it gives one (asks
+    return None while it runs), and its result, failed or not, goes to ``plan``, which
+    returns the cells. ``plan`` runs once, when the prelude's result arrives or, without a
+    prelude, at the first ask, so it may read what the runner set before asking
+    (``max_trials``).
+
     Cells in flight are part of the state: on resume the runner continues those trials
     under the same ids and tells their results. ``done`` maps a cell index to its
-    accuracy (NaN = failed, with the reason in ``errors``).
+    accuracy (NaN = failed, with the reason in ``errors``). The prelude's result is saved
+    too: a resumed grid is planned again from it, never by running the prelude again.
     """
-
-    cells: list
 
     def __init__(self, space: SearchSpace, budget: Budget, *, seed: int = 0):
         super().__init__(space, budget, seed=seed)
+        self.cells: list | None = None  # set by the subclass, or by plan() after the prelude
         self.done: dict[int, float] = {}
         self.errors: dict[int, str] = {}
         self.inflight: dict[str, int] = {}
+        self.prelude_trial: str | None = None  # the prelude's trial id, once proposed
+        self.prelude_result: Result | None = None
+        self.planned = False  # whether plan() made the cells (a resume makes them again)
 
     @abstractmethod
     def propose(self, cell) -> Proposal: ...
 
-    def ask(self, trial_id: str) -> Proposal | str:
+    def expected_trials(self) -> int | None:
+        if self.cells is None:  # not planned yet
+            return self.max_trials
+        n = len(self.cells) + (self.prelude_trial is not None)
+        return n if self.max_trials is None else min(n, self.max_trials)
+
+    def prelude(self) -> Proposal | None:
+        """The trial whose result ``plan`` needs; None (default) to plan at once."""
+        return None
+
+    def plan(self, prelude: Result | None) -> list:
+        """The cells, from the prelude's result (None when ``prelude`` gave no trial)."""
+        raise NotImplementedError(f"{type(self).__name__} leaves self.cells None: set them "
+                                  "in __init__ or implement plan()")
+
+    def _plan(self, prelude: Result | None) -> None:
+        self.prelude_result = prelude
+        self.cells, self.planned = list(self.plan(prelude)), True
+
+    def ask(self, trial_id: str) -> Proposal | None | str:
+        if self.cells is None:
+            if self.prelude_trial is not None:
+                return None  # the prelude is running: ask again later
+            proposal = self.prelude()
+            if proposal is not None:
+                self.prelude_trial = trial_id
+                return proposal
+            self._plan(None)
         busy = set(self.done) | set(self.inflight.values())
         todo = [i for i in range(len(self.cells)) if i not in busy]
         if not todo:
@@ -157,6 +238,9 @@ class GridStrategy(Strategy):
         return self.propose(self.cells[todo[0]])
 
     def tell(self, trial_id: str, result: Result) -> None:
+        if trial_id == self.prelude_trial and self.cells is None:
+            self._plan(result)
+            return
         if trial_id not in self.inflight:
             warnings.warn(f"{self.name}: result for unknown trial {trial_id!r} ignored",
                           stacklevel=2)
@@ -164,15 +248,35 @@ class GridStrategy(Strategy):
         record_result(self.done, self.errors, self.inflight.pop(trial_id), result)
 
     def state_dict(self) -> dict:  # NaN is not JSON: failed cells are stored as null
+        result = self.prelude_result
         return {**super().state_dict(), "inflight": dict(self.inflight),
                 "done": {str(i): a if math.isfinite(a) else None for i, a in self.done.items()},
-                "errors": {str(i): e for i, e in self.errors.items()}}
+                "errors": {str(i): e for i, e in self.errors.items()},
+                "prelude": {"trial": self.prelude_trial, "planned": self.planned,
+                            "result": result.to_dict() if result else None,
+                            "cells": self.cells if self.planned else None}}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.done = {int(i): float("nan") if a is None else a for i, a in state["done"].items()}
         self.errors = {int(i): e for i, e in state.get("errors", {}).items()}
         self.inflight = dict(state["inflight"])
+        prelude = state.get("prelude") or {}
+        self.prelude_trial = prelude.get("trial")
+        if prelude.get("planned"):
+            result = prelude.get("result")
+            self._plan(Result.from_dict(result) if result else None)
+            if json.loads(json.dumps(self.cells)) != prelude["cells"]:
+                raise QSearchError(
+                    f"{self.name}: this search plans other cells than the saved one "
+                    f"({len(self.cells)} cells, {len(prelude['cells'])} saved): resume with "
+                    "the same settings, the trial limit included")
+
+    def cell_status(self, i: int) -> str:
+        """Where cell ``i`` stands: "ok", "failed", "running" or "pending"."""
+        if i in self.done:
+            return "ok" if math.isfinite(self.done[i]) else "failed"
+        return "running" if i in self.inflight.values() else "pending"
 
     def results(self) -> list[tuple[Any, float]]:
         """(cell, accuracy) for every finished cell, in grid order (NaN = failed)."""
@@ -218,17 +322,14 @@ def create_strategy(name: str, space: SearchSpace, budget: Budget, *, seed: int 
                     **kwargs: Any) -> Strategy:
     """Instantiate a registered strategy; unknown keyword arguments are an error."""
     cls = get_strategy(name)
-    try:
-        return cls(space, budget, seed=seed, **kwargs)
+    signature = inspect.signature(cls.__init__)
+    try:  # checked before constructing: a TypeError inside __init__ stays a TypeError
+        signature.bind(None, space, budget, seed=seed, **kwargs)
     except TypeError as e:
-        if "unexpected keyword argument" in str(e):
-            import inspect
-
-            valid = [p for p in inspect.signature(cls.__init__).parameters
-                     if p not in ("self", "space", "budget", "seed")]
-            raise QSearchError(f"strategy {name!r}: {e.args[0].split('() ')[-1]}; valid "
-                               f"options: {', '.join(valid) or 'none'}") from None
-        raise
+        valid = [p for p in signature.parameters if p not in ("self", "space", "budget", "seed")]
+        raise QSearchError(f"strategy {name!r}: {e}; valid options: "
+                           f"{', '.join(valid) or 'none'}") from None
+    return cls(space, budget, seed=seed, **kwargs)
 
 
 def run_local(strategy: Strategy, evaluate: Callable[[Proposal], Result], *,

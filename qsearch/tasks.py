@@ -24,8 +24,10 @@ _TASKS: dict[str, TaskFn] = {}
 @dataclass
 class TaskContext:
     """Everything a task needs. ``report`` sends intermediate metrics (and, through
-    ``state_fn``, a checkpointable state) to the runner and returns True when the trial
-    should stop; ``restored`` is the last such state when a trial is retried or resumed."""
+    ``state_fn``, a checkpointable state) to the runner and returns True when the runner
+    asks the trial to stop (``Strategy.should_stop``): the task then returns what it has,
+    with ``metrics["stopped"]`` True. ``restored`` is the last such state when a trial is
+    retried or resumed."""
 
     space: SearchSpace
     proposal: Proposal
@@ -37,12 +39,22 @@ class TaskContext:
     report: Callable[[dict, Callable[[], dict] | None], bool]
     restored: dict | None = None
     trials_per_node: int = 1  # trials that may share this node's memory
+    checkpoint_every_s: float | None = None  # also checkpoint between evaluations
 
     def train_config(self, **overrides):
-        from qsearch.train import TrainConfig
+        from qsearch.train_config import TrainConfig
 
         return TrainConfig.recipe(self.space.dataset,
                                   **{**self.train, "seed": self.seed, **overrides})
+
+    def train_model(self, model, config=None, *, hooks=None, splits=None):
+        """:func:`qsearch.train.train` wired to this trial: its device, reports, stop
+        requests, checkpoints and restored state. Returns the ``TrainResult``."""
+        from qsearch.train import train
+
+        return train(model, splits or self.splits(), config or self.train_config(),
+                     device=self.device, callback=self.report, start_state=self.restored,
+                     hooks=hooks, checkpoint_every_s=self.checkpoint_every_s)
 
     def splits(self):
         """The dataset splits, loaded once per worker process (device-resident when small)."""
@@ -78,20 +90,18 @@ def get_task(name: str) -> TaskFn:
 
 
 def train_candidate(ctx: TaskContext, candidate, *, scheme: str = "dualprecision",
-                    config=None):
-    """Build, quantize and train ``candidate``; returns (model, TrainResult)."""
+                    config=None, hooks=None):
+    """Build, quantize and train ``candidate``; returns (model, TrainResult). ``hooks``
+    (a :class:`qsearch.train.TrainHooks`) adapt the training loop."""
     import torch
 
-    from qsearch.quant import quantize_model
-    from qsearch.train import train
+    from qsearch.qlayers import quantize_model
 
     torch.manual_seed(ctx.seed)
     model = ctx.space.build(candidate)
     quantize_model(model, ctx.space.layer_bits(candidate), candidate.a_bits, scheme=scheme)
     model.to(ctx.device)
-    return model, train(model, ctx.splits(), config or ctx.train_config(), device=ctx.device,
-                        callback=lambda m, state_fn: ctx.report(m, state_fn),
-                        start_state=ctx.restored)
+    return model, ctx.train_model(model, config, hooks=hooks)
 
 
 def available_memory_bytes(device: str, trials_per_node: int = 1) -> float:
@@ -140,7 +150,8 @@ def train_task(ctx: TaskContext) -> Result:
     metrics = {**cost_metrics(ctx.space, cand, ctx.budget),
                "train_seconds": res.train_seconds, "steps": res.steps,
                "best_val_acc": res.best_val_acc, "task_seconds": time.perf_counter() - start,
-               "resumed_from_step": (ctx.restored or {}).get("step", 0)}
+               "resumed_from_step": (ctx.restored or {}).get("step", 0),
+               "stopped": res.status == "stopped"}
     if ctx.proposal.params.get("test") and res.status in ("ok", "stopped"):
         metrics["test_acc"], metrics["test_loss"] = evaluate(model, ctx.splits().test)
     status = "ok" if res.status in ("ok", "stopped") else res.status

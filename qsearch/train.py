@@ -9,103 +9,31 @@ The trainer evaluates on the validation split periodically and hands each evalua
 callback together with a function returning a checkpointable state; resuming from that
 state reproduces the uninterrupted run exactly (fast-path datasets). A non-finite loss ends
 the run at once with status ``"diverged"``.
+
+Trainers that need more (FracBits' penalty and learnable bit-widths, a supernet's sandwich
+rule) pass :class:`TrainHooks` to this one loop rather than copying it.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal
+from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn as nn
 
 from qsearch import QSearchError
 from qsearch.data import Split, Splits, num_batches
+from qsearch.train_config import TrainConfig
+
+__all__ = ["STATE_VERSION", "TrainConfig", "TrainHooks", "TrainResult", "evaluate", "lr_at",
+           "set_threads", "steps_per_epoch", "total_steps", "train"]
 
 STATE_VERSION = 1
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrainConfig:
-    """Training hyper-parameters: plain data that round-trips through JSON.
-
-    Set the length with exactly one of ``epochs`` (may be fractional) or ``steps``.
-    ``warmup_fraction`` is the share of the run spent warming up: the papers' 5 of 300
-    epochs, so a 3-epoch proxy warms up for 3% of its steps, like the full run.
-    ``eval_every_steps`` defaults to once per epoch; the last step is always evaluated.
-    """
-
-    epochs: float | None = None
-    steps: int | None = None
-    batch_size: int = 128
-    lr: float = 0.05
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.0
-    warmup_fraction: float = 5 / 300
-    eval_every_steps: int | None = None
-    eval_batch_size: int = 256  # CPU: 2x faster than 1000 (cache); GPU: fast either way
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if (self.epochs is None) == (self.steps is None):
-            raise QSearchError(
-                f"set exactly one of epochs or steps (got epochs={self.epochs}, "
-                f"steps={self.steps}): e.g. TrainConfig(epochs=2) or TrainConfig(steps=500)"
-            )
-        checks = {
-            "epochs": self.epochs is None or self.epochs > 0,
-            "steps": self.steps is None or self.steps > 0,
-            "batch_size": self.batch_size > 0,
-            "lr": self.lr >= 0,
-            "momentum": 0 <= self.momentum < 1,
-            "weight_decay": self.weight_decay >= 0,
-            "label_smoothing": 0 <= self.label_smoothing < 1,
-            "warmup_fraction": 0 <= self.warmup_fraction < 1,
-            "eval_every_steps": self.eval_every_steps is None or self.eval_every_steps > 0,
-            "eval_batch_size": self.eval_batch_size > 0,
-        }
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise QSearchError(
-                f"bad training setting {bad[0]}={getattr(self, bad[0])!r}: epochs, steps, "
-                "batch sizes and eval_every_steps must be positive; lr and weight_decay >= 0; "
-                "momentum, label_smoothing and warmup_fraction in [0, 1)"
-            )
-
-    @classmethod
-    def recipe(cls, dataset: str, **overrides: Any) -> TrainConfig:
-        """The paper recipe for a dataset (Sec. 4.1), with ``overrides`` applied."""
-        base: dict[str, Any] = {}
-        if dataset in ("imagenet", "imagefolder"):
-            base = dict(weight_decay=4e-5, label_smoothing=0.1, batch_size=256)
-        return cls(**{**base, **overrides})
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise QSearchError(
-                f"unknown training settings {sorted(unknown)}: valid ones are "
-                f"{', '.join(f.name for f in fields(cls))}"
-            )
-        return cls(**d)
-
-    @classmethod
-    def from_json(cls, s: str) -> TrainConfig:
-        return cls.from_dict(json.loads(s))
 
 
 @dataclass
@@ -183,6 +111,63 @@ def evaluate(
     return correct / n, loss_sum / n
 
 
+class TrainHooks:
+    """What a trainer may change in :func:`train`; every method defaults to plain training.
+
+    - ``param_groups(model)``: extra optimiser groups, e.g. ``[{"params": bits,
+      "weight_decay": 0.0}]``; their parameters leave the main group, unset options take the
+      config's, and the lr schedule sets every group's lr (times the group's ``lr_scale``).
+    - ``loss(model, x, y, criterion, step)``: ``(task_loss, terms)``; train() minimises
+      ``task_loss + sum(terms)``, logs ``train_loss`` and each term, averaged per evaluation.
+    - ``forward_backward(...)``: the same arguments; leaves this step's gradients in the
+      parameters and returns the same pair, detached. Override it for several passes per step
+      (the sandwich rule: largest, smallest and random sub-networks, each its own backward,
+      distilled from the largest); terms returned then are only logged.
+    - ``after_step(step, model)``: after update ``step`` (1-based); may change the model
+      (FracBits discretises here); True stops the run, evaluated, with status ``"stopped"``.
+    - ``evaluate(model, splits, metrics, *, batch_size, device)``: the metrics of one
+      evaluation (default val_acc and val_loss); ``val_acc`` is what ``best_val_acc`` tracks.
+      A supernet recalibrates BatchNorm here; FracBits adds its cost ratio and phase.
+    - ``state_dict()`` / ``load_state_dict(state)``: the hooks' own resumable state, saved
+      with the run's state and loaded before the model's (it may change the model's shape).
+
+    Rung-based early stopping needs no hook: the callback returns True at a losing rung.
+    """
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        return []
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, criterion: nn.Module,
+             step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return criterion(model(x), y), {}
+
+    def forward_backward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                         criterion: nn.Module, step: int
+                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        task, terms = self.loss(model, x, y, criterion, step)
+        total = task
+        for term in terms.values():
+            total = total + term
+        total.backward()
+        return task.detach(), {k: v.detach() for k, v in terms.items()}
+
+    def after_step(self, step: int, model: nn.Module) -> bool:
+        return False
+
+    def evaluate(self, model: nn.Module, splits: Splits, metrics: dict, *, batch_size: int,
+                 device: str) -> dict:
+        if len(splits.val) == 0:
+            return {}
+        acc, loss = evaluate(model, splits.val, batch_size=batch_size, device=device)
+        return {"val_acc": acc, "val_loss": loss}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """The data RNG of one epoch: a pure function of (seed, epoch), so a resumed run redraws
     the same order and augmentations without storing generator state."""
@@ -210,122 +195,200 @@ def train(
     callback: Callable[[dict, Callable[[], dict]], bool | None] | None = None,
     device: str | None = None,
     start_state: dict | None = None,
+    hooks: TrainHooks | None = None,
+    checkpoint_every_s: float | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``splits.train``; evaluate on ``splits.val``.
 
     At each evaluation ``callback(metrics, state_fn)`` is called; ``metrics`` holds step,
     epoch, train_loss, val_acc, val_loss, lr, elapsed_s and images_per_s, and ``state_fn()``
     returns a copy of everything needed to resume (model, optimizer, step, RNG states,
-    history). A callback returning True stops the run (status ``"stopped"``). Passing that
-    state as ``start_state`` (to a model of the same architecture) continues the run exactly
-    as if it had not stopped. ``device`` defaults to the training split's device.
+    history, the hooks' state). A callback returning True stops the run (status
+    ``"stopped"``). Passing that state as ``start_state`` (to a model of the same
+    architecture, with the same hooks) continues the run exactly as if it had not stopped.
+    ``device`` defaults to the training split's device; ``hooks`` (see :class:`TrainHooks`)
+    adapt the loss, optimiser groups, per-step actions and evaluation. With
+    ``checkpoint_every_s``, the callback is also called between evaluations once that many
+    seconds passed since it last was, with ``{"step", "epoch", "elapsed_s", "checkpoint":
+    True}``: a long evaluation window still leaves recent states to resume from.
 
     A fresh run seeds torch's global RNG with ``config.seed`` (dropout, stochastic
     quantizers); the data order and augmentation draw from their own per-epoch generator.
     """
-    device = device or splits.train.device
-    model.to(device)
-    model.train()
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
-        weight_decay=config.weight_decay,
-    )
-    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    n_train = len(splits.train)
-    per_epoch = steps_per_epoch(n_train, config.batch_size)
-    total = total_steps(config, n_train)
-    eval_every = config.eval_every_steps or per_epoch
-    drop_last = n_train >= config.batch_size
-    has_val = len(splits.val) > 0
-
-    step, images_seen, prior_s, history = 0, 0, 0.0, []
-    best = None
+    run = _Run(model, splits, config, hooks or TrainHooks(), device or splits.train.device)
+    run.checkpoint_every_s = checkpoint_every_s
     if start_state is None:
         torch.manual_seed(config.seed)
     else:
-        step, images_seen, prior_s, best, history = _restore(
-            start_state, model, optimizer, config, total
-        )
-    t0 = time.perf_counter()
-    window_t, window_images, loss_sum, loss_n = t0, 0, 0.0, 0
-    last: dict = history[-1] if history else {}
+        run.restore(start_state)
+    return run.loop(callback)
 
-    def state_fn() -> dict:
+
+class _Run:
+    """The state of one :func:`train` call; its methods are the steps of the loop."""
+
+    def __init__(self, model: nn.Module, splits: Splits, config: TrainConfig,
+                 hooks: TrainHooks, device: str):
+        self.model, self.splits, self.config, self.hooks, self.device = (
+            model, splits, config, hooks, device)
+        model.to(device)
+        model.train()
+        self.optimizer = _optimizer(model, config, hooks.param_groups(model))
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        n_train = len(splits.train)
+        self.per_epoch = steps_per_epoch(n_train, config.batch_size)
+        self.total = total_steps(config, n_train)
+        self.eval_every = config.eval_every_steps or self.per_epoch
+        self.drop_last = n_train >= config.batch_size
+        self.step, self.images_seen, self.prior_s = 0, 0, 0.0
+        self.best: float | None = None
+        self.history: list[dict] = []
+        self.t0 = self.window_t = self.handed_t = time.perf_counter()
+        self.checkpoint_every_s: float | None = None
+        self._new_window()
+
+    def _new_window(self) -> None:
+        self.window_sums: dict[str, float] = {}
+        self.window_n = 0
+
+    def loop(self, callback) -> TrainResult:
+        self.t0 = self.window_t = time.perf_counter()
+        cfg = self.config
+        while self.step < self.total:
+            batches = self.splits.train.batches(
+                cfg.batch_size, shuffle=True, augment=True, drop_last=self.drop_last,
+                generator=_epoch_generator(cfg.seed, self.step // self.per_epoch),
+                start=self.step % self.per_epoch,
+            )
+            for x, y in batches:
+                diverged = self._update(x, y)
+                if diverged:
+                    return self._result("diverged", diverged)
+                stop = self.hooks.after_step(self.step, self.model)
+                if self.step % self.eval_every and self.step < self.total and not stop:
+                    if self._checkpoint_due(callback) and callback(self._progress(), self.state):
+                        return self._result("stopped", f"callback asked to stop at step "
+                                            f"{self.step}")
+                    continue
+                metrics = self._evaluate()
+                self.handed_t = time.perf_counter()
+                if callback is not None and callback(dict(metrics), self.state):
+                    return self._result("stopped", f"callback asked to stop at step {self.step}")
+                if stop:
+                    return self._result("stopped", f"hooks asked to stop at step {self.step}")
+                self.window_t = time.perf_counter()
+                if self.step >= self.total:
+                    break
+        return self._result("ok")
+
+    def _checkpoint_due(self, callback) -> bool:
+        if callback is None or self.checkpoint_every_s is None:
+            return False
+        if time.perf_counter() - self.handed_t < self.checkpoint_every_s:
+            return False
+        self.handed_t = time.perf_counter()
+        return True
+
+    def _progress(self) -> dict:
+        return {"step": self.step, "epoch": self.step / self.per_epoch,
+                "elapsed_s": self._elapsed(), "checkpoint": True}
+
+    def _update(self, x: torch.Tensor, y: torch.Tensor) -> str | None:
+        """One optimiser step; the reason when the loss is not finite (no step taken)."""
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        lr = lr_at(self.step, self.total, self.config)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        self.optimizer.zero_grad(set_to_none=True)
+        task, terms = self.hooks.forward_backward(self.model, x, y, self.criterion, self.step)
+        values = {"train_loss": float(task), **{k: float(v) for k, v in terms.items()}}
+        loss = sum(values.values())
+        if not math.isfinite(loss):
+            return f"loss {loss} at step {self.step} (lr {lr:.3g})"
+        self.optimizer.step()
+        self.step += 1
+        self.images_seen += len(y)
+        self.window_n += len(y)
+        for k, v in values.items():
+            self.window_sums[k] = self.window_sums.get(k, 0.0) + v * len(y)
+        return None
+
+    def _evaluate(self) -> dict:
+        """The metrics of the evaluation window ending now, appended to the history."""
+        train_s = time.perf_counter() - self.window_t
+        n = self.window_n
+        metrics = {"step": self.step, "epoch": self.step / self.per_epoch,
+                   **{k: s / n for k, s in self.window_sums.items()},
+                   "lr": lr_at(self.step - 1, self.total, self.config),
+                   "images_per_s": n / train_s if train_s > 0 else 0.0}
+        metrics.update(self.hooks.evaluate(self.model, self.splits, dict(metrics),
+                                           batch_size=self.config.eval_batch_size,
+                                           device=self.device))
+        acc = metrics.get("val_acc")
+        if acc is not None:
+            self.best = acc if self.best is None else max(self.best, acc)
+        metrics["elapsed_s"] = self._elapsed()
+        self.history.append(metrics)
+        self._new_window()
+        return metrics
+
+    def _elapsed(self) -> float:
+        return self.prior_s + time.perf_counter() - self.t0
+
+    def _result(self, status: str, reason: str | None = None) -> TrainResult:
+        last = self.history[-1] if self.history else {}
+        return TrainResult(
+            status=status, val_acc=last.get("val_acc"), best_val_acc=self.best,
+            val_loss=last.get("val_loss"), train_seconds=self._elapsed(), steps=self.step,
+            images_seen=self.images_seen, history=self.history, reason=reason,
+        )
+
+    def state(self) -> dict:
+        """A copy of everything needed to resume: the ``state_fn`` given to the callback."""
         return copy.deepcopy({
-            "version": STATE_VERSION, "config": config.to_dict(), "total_steps": total,
-            "step": step, "images_seen": images_seen,
-            "elapsed_s": prior_s + time.perf_counter() - t0, "best_val_acc": best,
-            "history": history, "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "rng": _rng_state(),
+            "version": STATE_VERSION, "config": self.config.to_dict(),
+            "total_steps": self.total, "step": self.step, "images_seen": self.images_seen,
+            "elapsed_s": self._elapsed(), "best_val_acc": self.best, "history": self.history,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "rng": _rng_state(), "hooks": self.hooks.state_dict(),
+            "window": {"sums": self.window_sums, "n": self.window_n},
         })
 
-    def result(status: str, reason: str | None = None) -> TrainResult:
-        return TrainResult(
-            status=status, val_acc=last.get("val_acc"), best_val_acc=best,
-            val_loss=last.get("val_loss"), train_seconds=prior_s + time.perf_counter() - t0,
-            steps=step, images_seen=images_seen, history=history, reason=reason,
-        )
-
-    while step < total:
-        epoch = step // per_epoch
-        batches = splits.train.batches(
-            config.batch_size, shuffle=True, augment=True, drop_last=drop_last,
-            generator=_epoch_generator(config.seed, epoch), start=step % per_epoch,
-        )
-        for x, y in batches:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total, config)
-            loss = criterion(model(x), y)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                lr = lr_at(step, total, config)
-                return result("diverged", f"loss {value} at step {step} (lr {lr:.3g})")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            images_seen += len(y)
-            window_images += len(y)
-            loss_sum += value * len(y)
-            loss_n += len(y)
-            if step % eval_every and step < total:
-                continue
-            train_s = time.perf_counter() - window_t
-            metrics = {"step": step, "epoch": step / per_epoch, "train_loss": loss_sum / loss_n,
-                       "lr": lr_at(step - 1, total, config),
-                       "images_per_s": window_images / train_s if train_s > 0 else 0.0}
-            if has_val:
-                acc, vloss = evaluate(model, splits.val, batch_size=config.eval_batch_size,
-                                      device=device)
-                best = acc if best is None else max(best, acc)
-                metrics.update(val_acc=acc, val_loss=vloss)
-            metrics["elapsed_s"] = prior_s + time.perf_counter() - t0
-            history.append(metrics)
-            last = metrics
-            loss_sum, loss_n, window_images = 0.0, 0, 0
-            if callback is not None and callback(dict(metrics), state_fn):
-                return result("stopped", f"callback asked to stop at step {step}")
-            window_t = time.perf_counter()
-            if step >= total:
-                break
-    return result("ok")
+    def restore(self, state: dict) -> None:
+        missing = sorted(_STATE_KEYS - state.keys())
+        if state.get("version") != STATE_VERSION or missing:
+            raise QSearchError(
+                f"cannot resume: not a training state this qsearch resumes (version "
+                f"{state.get('version')}, expected {STATE_VERSION}; missing {missing}): "
+                "start the run afresh"
+            )
+        if state["config"] != self.config.to_dict() or state["total_steps"] != self.total:
+            raise QSearchError(
+                "cannot resume: the training state was saved with a different config or "
+                f"training set size (saved {state['config']}, total_steps "
+                f"{state['total_steps']}; now {self.config.to_dict()}, total_steps {self.total})"
+            )
+        self.hooks.load_state_dict(copy.deepcopy(state.get("hooks", {})))
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        _set_rng_state(state["rng"])
+        self.step, self.images_seen = state["step"], state["images_seen"]
+        self.prior_s, self.best = state["elapsed_s"], state["best_val_acc"]
+        self.history = copy.deepcopy(state["history"])
+        window = state.get("window", {"sums": {}, "n": 0})  # mid-window states (checkpoints)
+        self.window_sums, self.window_n = dict(window["sums"]), window["n"]
 
 
-def _restore(state: dict, model, optimizer, config: TrainConfig, total: int):
-    if state.get("version") != STATE_VERSION:
-        raise QSearchError(
-            f"training state version {state.get('version')} is not supported "
-            f"(this qsearch resumes version {STATE_VERSION})"
-        )
-    if state["config"] != config.to_dict() or state["total_steps"] != total:
-        raise QSearchError(
-            "cannot resume: the training state was saved with a different config or "
-            f"training set size (saved {state['config']}, total_steps {state['total_steps']}; "
-            f"now {config.to_dict()}, total_steps {total})"
-        )
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    _set_rng_state(state["rng"])
-    history = copy.deepcopy(state["history"])
-    return state["step"], state["images_seen"], state["elapsed_s"], state["best_val_acc"], history
+_STATE_KEYS = {"config", "total_steps", "step", "images_seen", "elapsed_s", "best_val_acc",
+               "history", "model", "optimizer", "rng"}
+
+
+def _optimizer(model: nn.Module, config: TrainConfig, extra: list[dict]) -> torch.optim.SGD:
+    """SGD over the model's parameters: the main group, then the hooks' ``extra`` groups."""
+    extra = [{**group, "params": list(group["params"])} for group in extra]
+    taken = {id(p) for group in extra for p in group["params"]}
+    main = [p for p in model.parameters() if id(p) not in taken]
+    return torch.optim.SGD(
+        [{"params": main}, *extra], lr=config.lr, momentum=config.momentum,
+        nesterov=config.nesterov, weight_decay=config.weight_decay,
+    )

@@ -10,7 +10,11 @@ Every channel count a builder hands to ``nn.Conv2d``/``nn.Linear`` comes from th
 :class:`Ch`, an ``int`` that remembers its plan key. Torch stores the value as given, so one
 trace of the built model tells which plan entry feeds each layer's Cin, Cout and groups.
 The cost model then evaluates any width from ``plan(width)`` alone, in microseconds,
-without building a model (see :mod:`qsearch.space`).
+without building a model (see :mod:`qsearch.space`). For that, a builder decides structure
+(an identity shortcut or a 1x1 projection, an expansion conv or none) from plan keys, never
+from counts that may coincide at one width only: the model has the same layers at every
+width and after every per-key top-up. A plan gives two entries one ``Ch`` where the
+architecture needs them equal (a ResNet stem and the first stage it adds to).
 
 Channel rounding rule, stated once: CIFAR-style families use ``round_channels``
 (nearest integer, at least 1); MobileNets use ``make_divisible`` (multiples of 8, never

@@ -1,10 +1,11 @@
 """ImageNet-style families: ResNet-18/50, MobileNetV2 (One-Bitwidth Sec. 4.4) and MobileNetV1.
 
-The ResNets and MobileNetV2 keep torchvision's module names, so at width 1 (with
-``fixed_first=False``) a model's ``state_dict`` matches ``torchvision.models`` key for key and
-shape for shape. torchvision's own blocks compute channel counts (``planes * expansion``,
-``inp * expand_ratio``), which would lose the plan keys, so the blocks are re-declared here
-with every derived count read from the plan.
+The ResNets and MobileNetV2 keep torchvision's module names, so at width 1 (with or without
+``fixed_first``/``fixed_last``) a model has torchvision's conv and fc layers, and its
+``state_dict`` matches ``torchvision.models`` key for key and shape for shape. torchvision's
+own blocks compute channel counts (``planes * expansion``, ``inp * expand_ratio``), which
+would lose the plan keys, so the blocks are re-declared here with every derived count read
+from the plan.
 
 Rounding: ResNets use ``round_channels``; MobileNets use ``make_divisible`` (torchvision).
 The MobileNetV2 builder also serves the CIFAR variant in :mod:`qsearch.spaces.cifar`.
@@ -25,8 +26,20 @@ from qsearch.spaces import Ch, make_divisible, register_family, round_channels, 
 
 
 def _downsample(cin: Ch, cout: Ch, stride: int) -> nn.Module | None:
-    """1x1 conv + BN shortcut unless the block keeps both shape and plan key."""
+    """Identity shortcut (None) where stride is 1 and input and output are one plan entry,
+    else a 1x1 conv + BN projection.
+
+    One plan entry has one channel count at every width and after every top-up (extra
+    channels are added per key), so the identity is valid wherever it is chosen, and the
+    block's layers are the same at every width: the single trace the cost model relies on.
+    Two entries whose counts merely coincide at some width (a fixed 64-channel stem and
+    ResNet-50's ``l1`` = 4 x 16 at 0.25x) keep the projection for that reason; the plans tie
+    entries that must be equal (see ``resnet18_plan``), which gives torchvision's shortcuts
+    at width 1.
+    """
     if stride == 1 and cin.key == cout.key:
+        if int(cin) != int(cout):  # a plan bug, not user input
+            raise ValueError(f"plan entry {cin.key!r} has two channel counts: {cin}, {cout}")
         return None
     return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
@@ -103,11 +116,20 @@ class ResNet(nn.Module):
 
 def resnet18_plan(width: float, *, fixed_first: bool = False, fixed_last: bool = False):
     """Stem 64, stages 64/128/256/512 (``l1..l4``). No dedicated final feature layer, so
-    ``fixed_last`` changes nothing. Unless ``fixed_first``, the stem shares ``l1`` so layer1
-    keeps its identity shortcuts."""
+    ``fixed_last`` changes nothing.
+
+    layer1 adds its blocks' outputs to the stem's through identity shortcuts (torchvision has
+    no 1x1 convolution there), so its output and the stem are one plan entry at every width.
+    Unless ``fixed_first``, the stem follows ``l1``. With ``fixed_first`` (the ImageNet
+    default) the stem keeps 64 channels, so does layer1's output, and the width multiplier
+    scales layer1's inner width ``w1`` (conv1's output) and stages 2-4.
+    """
     p = scaled_plan({"stem": 64, "l1": 64, "l2": 128, "l3": 256, "l4": 512}, width,
                     round_channels, {"stem"} if fixed_first else set())
-    if not fixed_first:
+    if fixed_first:
+        p["w1"] = Ch(p["l1"], "w1")
+        p["l1"] = p["stem"]
+    else:
         p["stem"] = p["l1"]
     return p
 

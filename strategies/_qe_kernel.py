@@ -1,6 +1,6 @@
 """MixQuant's QE on a CPU: one compiled loop per block of a row and bit-width (numba).
 
-Imported only by :func:`qsearch.strategies.mixquant.qe_table` for CPU weights, so numba's
+Imported only by :func:`qsearch.strategies._qe.qe_table` for CPU weights, so numba's
 import (~0.3 s) and the first call's compilation (~1 s, cached on disk after that) are paid
 only by a MixQuant search.
 """
@@ -19,7 +19,7 @@ def residual_sq_sums(x: np.ndarray, inv_span: np.ndarray, levels: np.ndarray,
     """``out[r, k] = sum_j (t - rint(t))^2`` with ``t = x[r, j] x levels[k] x inv_span[r]``.
 
     This is the squared rounding residual of every element of row ``r`` on the grid of step
-    span / L (see ``_asym_qe`` in mixquant.py for why no clamp is needed). Each pass is
+    span / L (see ``_asym_qe`` in _qe.py for why no clamp is needed). Each pass is
     multiply, round, subtract and fused multiply-add, vectorised by LLVM; a per-tensor QE
     passes the whole tensor as one row.
     """

@@ -16,13 +16,12 @@ the experiment spec): this strategy simply aligns every cell to the budget it is
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Sequence
 
 from qsearch import QSearchError
 from qsearch.budget import Budget
 from qsearch.space import Aligned, SearchSpace
-from qsearch.strategy import GridStrategy, Proposal, register_strategy
+from qsearch.strategy import GridStrategy, Proposal, bit_subset, register_strategy
 
 
 @register_strategy("dualprecision")
@@ -39,18 +38,13 @@ class DualPrecision(GridStrategy):
     Resume (the :class:`GridStrategy` contract): finished cells are never re-run; cells in
     flight when the state was saved stay in flight under their trial ids, because the runner
     runs those trials again after a resume and tells their results under the same ids
-    (``qsearch.tune.Runner.replay``). Proposing them anew as well would train them twice.
+    (``qsearch.runner.Runner.replay``). Proposing them anew as well would train them twice.
     """
 
     def __init__(self, space: SearchSpace, budget: Budget, *, seed: int = 0,
                  bits: Sequence[int] | None = None):
         super().__init__(space, budget, seed=seed)
-        self.bits = sorted({int(b) for b in (space.bit_choices if bits is None else bits)})
-        bad = [b for b in self.bits if b not in space.bit_choices]
-        if bad or not self.bits:
-            raise QSearchError(
-                f"dualprecision bits {list(bits or [])} not allowed: choose a subset of the "
-                f"space's bit choices {list(space.bit_choices)} (or widen --bit-choices)")
+        self.bits = sorted(set(bit_subset("dualprecision", bits, space)))
         self.group_names = list(space.groups)  # "depthwise" (if any), then "other"
         grid = [dict(zip(self.group_names, combo))
                 for combo in itertools.product(self.bits, repeat=len(self.group_names))]
@@ -87,11 +81,6 @@ class DualPrecision(GridStrategy):
         super().load_state_dict(state)
 
     # ----- results ---------------------------------------------------------------------
-    def _status(self, i: int) -> str:
-        if i in self.done:
-            return "ok" if math.isfinite(self.done[i]) else "failed"
-        return "running" if i in self.inflight.values() else "pending"
-
     def summary(self) -> dict:
         """The grid table (rows: depthwise bits, columns: other bits) and the best cell."""
         rows = self.bits if "depthwise" in self.group_names else [None]
@@ -99,7 +88,7 @@ class DualPrecision(GridStrategy):
         table = [[None] * len(cols) for _ in rows]
         cells = []
         for i, (cell, aligned) in enumerate(zip(self.cells, self.aligned)):
-            status = self._status(i)
+            status = self.cell_status(i)
             acc = self.done[i] if status == "ok" else None
             table[rows.index(cell.get("depthwise"))][cols.index(cell.get("other"))] = acc
             cells.append({**cell, "status": status, "val_acc": acc,
@@ -107,7 +96,7 @@ class DualPrecision(GridStrategy):
                           "budget_ratio": aligned.ratio, "error": self.errors.get(i)})
         cells += [{**cell, "status": "infeasible", "val_acc": None, "error": why}
                   for cell, why in self.infeasible]
-        ok = [i for i in range(len(self.cells)) if self._status(i) == "ok"]
+        ok = [i for i in range(len(self.cells)) if self.cell_status(i) == "ok"]
         best = None
         if ok:
             i = max(ok, key=lambda j: self.done[j])  # first in grid order on ties

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from qsearch.budget import Budget
 from qsearch.space import SearchSpace
-from qsearch.strategy import Proposal, Result, Strategy, register_strategy
+from qsearch.strategy import Proposal, Result, Strategy, bit_subset, register_strategy
 
 
 @register_strategy("random")
@@ -14,7 +14,7 @@ class RandomSearch(Strategy):
     def __init__(self, space: SearchSpace, budget: Budget, *, seed: int = 0,
                  bits: Sequence[int] | None = None):
         super().__init__(space, budget, seed=seed)
-        self.bits = list(bits or space.bit_choices)
+        self.bits = bit_subset("random", bits, space)
 
     def ask(self, trial_id: str) -> Proposal:
         choice = self.rng.choice(self.bits, size=len(self.space.free_layers))

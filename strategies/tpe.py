@@ -20,7 +20,9 @@ imported lazily (``qsearch --help`` does not pay for it).
 
 from __future__ import annotations
 
+import math
 import warnings
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -35,6 +37,31 @@ if TYPE_CHECKING:
 
 STATE_VERSION = 1
 MAX_RESAMPLES = 100  # asks in a row whose bits cannot fit the budget before giving up
+
+
+def _int_at_least(low: int) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _name(v: Any) -> bool:
+    return v is None or (isinstance(v, str) and v.strip() != "")
+
+
+_OPTIONS = {  # option -> (check, what it must be, example)
+    "n_startup_trials": (_int_at_least(0), "an integer >= 0", "10"),
+    "population_size": (_int_at_least(2), "an integer >= 2", "20"),
+    "storage": (_name, "a storage URL", "sqlite:///study.db"),
+    "study_name": (_name, "a non-empty name", "my-study"),
+}
+
+
+def _check_options(**options: Any) -> None:
+    """Types and ranges of the options Optuna would otherwise reject mid-search."""
+    for key, value in options.items():
+        check, want, example = _OPTIONS[key]
+        if not check(value):
+            raise QSearchError(f"tpe {key}={value!r} not allowed: give {want}, e.g. "
+                               f"--strategy-arg {key}={example}")
 
 
 @register_strategy("tpe")
@@ -72,9 +99,11 @@ class TPE(Strategy):
             lo, hi = (float(w) for w in width_range)
         except (TypeError, ValueError):
             lo = hi = 0.0
-        if not 0 < lo < hi:
+        if not 0 < lo < hi < math.inf:
             raise QSearchError(f"tpe width_range {width_range!r} invalid: need "
                                "0 < min < max, e.g. [0.25, 2.0]")
+        _check_options(n_startup_trials=n_startup_trials, population_size=population_size,
+                       storage=storage, study_name=study_name)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.per, self.objective = per, objective
         self.width_range = (lo, hi)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from qsearch.budget import Budget
 from qsearch.space import SearchSpace
-from qsearch.strategy import GridStrategy, Proposal, register_strategy
+from qsearch.strategy import GridStrategy, Proposal, bit_subset, register_strategy
 
 
 @register_strategy("uniform")
@@ -18,7 +18,7 @@ class Uniform(GridStrategy):
     def __init__(self, space: SearchSpace, budget: Budget, *, seed: int = 0,
                  bits: Sequence[int] | None = None):
         super().__init__(space, budget, seed=seed)
-        self.cells = [int(b) for b in (bits or space.bit_choices)]
+        self.cells = bit_subset("uniform", bits, space)
 
     def propose(self, bits: int) -> Proposal:
         return Proposal(self.align(bits), params={"bits": bits})

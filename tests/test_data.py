@@ -10,14 +10,8 @@ import pytest
 import torch
 
 from qsearch import QSearchError
-from qsearch.data import (
-    FASHION_MNIST_DIR,
-    _find_fashion_mnist,
-    carve,
-    load_dataset,
-    load_fashion_mnist,
-    stratified_order,
-)
+from qsearch.data import carve, load_dataset, stratified_order
+from qsearch.readers import FASHION_MNIST_DIR, _find_fashion_mnist, load_fashion_mnist
 
 needs_fmnist = pytest.mark.skipif(
     _find_fashion_mnist(FASHION_MNIST_DIR) is None,

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from qsearch import QSearchError
 from qsearch.export import export_model, load_model, pack_codes, read_metadata, unpack_codes
-from qsearch.quant import QUANT_LAYERS, quantize_model
+from qsearch.qlayers import QUANT_LAYERS, quantize_model
 from qsearch.spaces import get_family
 
 WIDTH = 0.5

@@ -53,6 +53,7 @@ def test_candidate_too_large_for_memory_is_refused_before_training(tmp_path):
     out = tmp_path / "huge"
     r = qsearch("run", "--strategy", "uniform", "--bit-choices", "8", "--model", "resnet56",
                 "--dataset", "synthetic", "--budget", "900MB", "--proxy-budget", "none",
+                "--width-max", "64",  # 900MB is past the 8-bit model at the default max 32
                 "--trials", "1", "--out", str(out), timeout=300)
     assert r.returncode == 1
     df = rows(out)
@@ -61,15 +62,20 @@ def test_candidate_too_large_for_memory_is_refused_before_training(tmp_path):
     assert df.train_seconds.isna().all()
 
 
-def test_worker_node_dies_mid_trial(ray_cluster, tmp_path):
+# checkpoints at evaluations (every 40 steps), or only on the clock: a 300-step trial that
+# evaluates once, at its end, checkpointing every second
+@pytest.mark.parametrize("train,every", [("steps: 600, eval_every_steps: 40", "60"),
+                                         ("steps: 300, eval_every_steps: 1000", "1")],
+                         ids=["at-evaluations", "on-the-clock"])
+def test_worker_node_dies_mid_trial(ray_cluster, tmp_path, train, every):
     out = tmp_path / "worker-dies"
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("train: {steps: 600, batch_size: 32, eval_every_steps: 40}\n")
+    recipe.write_text(f"train: {{{train}, batch_size: 32}}\n")
     cmd = [*QS, "run", str(recipe), "--strategy", "random", "--budget", "6KB", "--dataset",
            "synthetic", "--trials", "2", "--concurrency", "2", "--address",
            ray_cluster.address, "--out", str(out)]
-    proc = subprocess.Popen(cmd, env=ray_cluster.env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env={**ray_cluster.env, "QSEARCH_CHECKPOINT_EVERY": every},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # both trials (one per node) have written a checkpoint: kill the worker node's raylet
     wait_for(lambda: len({p.parent for p in checkpoints(out)}) >= 2, 240, "checkpoints")
     raylets = [p for p in pids_using(ray_cluster.tmp)
@@ -80,6 +86,9 @@ def test_worker_node_dies_mid_trial(ray_cluster, tmp_path):
         os.kill(pid, signal.SIGKILL)
     stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr
+    # one condensed line about the lost node on the console; Ray's dump goes to the log
+    assert "failed on node 127.0.0.3" in stdout and "retrying it from" in stdout
+    assert "raylet" not in stdout + stderr and "\x1b[" not in stdout + stderr
     df = rows(out)
     assert len(df) == 2 and df.trial_id.is_unique and set(df.status) == {"ok"}
     resumed = [json.loads(m)["resumed_from_step"] for m in df.metrics]

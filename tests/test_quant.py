@@ -1,4 +1,4 @@
-"""Quantizers and quantized layers (qsearch.quant)."""
+"""Quantizers and quantized layers (qsearch.quant, qsearch.actquant, qsearch.qlayers)."""
 
 from __future__ import annotations
 
@@ -7,23 +7,17 @@ import torch
 import torch.nn as nn
 
 from qsearch import QSearchError
+from qsearch.actquant import EMAActQuant, PACTActQuant, pact_quantize
+from qsearch.qlayers import QuantConv2d, QuantLinear, quantize_model
 from qsearch.quant import (
     CLIP_CONSTANTS,
     TERNARY_THRESHOLD,
-    EMAActQuant,
-    PACTActQuant,
-    QuantConv2d,
-    QuantLinear,
     asym_dequantize,
     asym_quantize,
     dorefa_weight,
-    dp_codes,
     dp_quantize,
     frac_quant,
-    pact_quantize,
     quant_error,
-    quant_error_table,
-    quantize_model,
     simulate_clip_constant,
     weight_codes,
 )
@@ -91,15 +85,6 @@ def test_dp_ste_gradient_is_upstream_gradient(bits):
     g = gaussian(8, 4, 3, 3, seed=1)
     dp_quantize(w, bits).backward(g)
     assert torch.equal(w.grad, g)
-
-
-@pytest.mark.parametrize("bits", [1, 2, 3, 6, 8])
-def test_dp_codes_times_scale_is_forward(bits):
-    w = gaussian(8, 4, 3, 3)
-    codes, scale = dp_codes(w, bits)
-    assert codes.dtype == torch.int32 and scale.shape == (8,)
-    assert torch.equal(codes * scale.view(-1, 1, 1, 1), dp_quantize(w, bits))
-    assert codes.abs().max() <= max(1, 2 ** (bits - 1) - 1)
 
 
 def test_clip_constants_match_simulation():
@@ -200,23 +185,6 @@ def test_asym_round_trip_error_bounded_by_half_scale(per_channel):
         assert (err <= bound / 2 + 1e-7).all()
 
 
-@pytest.mark.parametrize("per_channel", [False, True])
-def test_quant_error_table_matches_quant_error(per_channel):
-    w = gaussian(40, 700)  # several blocks in both layouts
-    bits = [8, 7, 6, 5, 4, 3, 2]
-    table = quant_error_table(w, bits, per_channel)
-    loop = torch.tensor([quant_error(w, b, per_channel) for b in bits], dtype=torch.float64)
-    assert torch.allclose(table, loop, rtol=1e-5)
-
-
-def test_quant_error_table_rounding_ties_at_the_range_ends():
-    w = torch.tensor([-1.0, 0.3, 1.0])  # 2 bits: max / scale = 1.5, a tie past qmax - zero
-    for ws in (w, w.neg(), w.repeat(50_000)):
-        table = quant_error_table(ws, [2, 3])
-        loop = torch.tensor([quant_error(ws, 2), quant_error(ws, 3)], dtype=torch.float64)
-        assert torch.allclose(table, loop, rtol=1e-5)
-
-
 # --- activations -----------------------------------------------------------------------
 
 
@@ -242,7 +210,7 @@ def test_ema_act_quant_clipped_ste_gradient():
     assert torch.allclose(y, torch.tensor([-1.0, 0.0, 0.0, 2.0, 2.0]))  # levels -1, 0, 1, 2
     y.backward(torch.full((5,), 2.0))
     assert torch.equal(x.grad, torch.tensor([0.0, 2.0, 2.0, 2.0, 0.0]))
-    from qsearch.quant import _pass_inside
+    from qsearch.actquant import _pass_inside
 
     g, v = gaussian(1000, seed=3), gaussian(1000, seed=4)
     lo, hi = torch.tensor(-0.05), torch.tensor(0.1)

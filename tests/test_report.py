@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess
@@ -49,9 +48,6 @@ def test_grid_text_is_escaped():
                       "col_bits": [1, 2]})
     assert "<script>" not in out and "&lt;script&gt;" in out
     assert "<td>50.00%</td>" in out
-    assert "<pre>" in _grid_html("odd")
-    assert "<th>b</th>" in _grid_html([{"a": 1, "b": 2}])
-    assert json.dumps([1, 2]) in _grid_html({"x": [1, 2]})
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium not installed")

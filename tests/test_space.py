@@ -7,7 +7,7 @@ from qsearch import QSearchError
 from qsearch.budget import Budget, parse_budget
 from qsearch.candidate import Candidate
 from qsearch.space import SearchSpace
-from qsearch.spaces import list_families
+from qsearch.spaces import get_family, list_families
 
 
 def resnet_cifar_weights(n: int, c0: int, k: int, w: int = 16) -> int:
@@ -166,3 +166,141 @@ def test_mobilenetv2_8bit_size_vs_paper():
     x 8 = 27.758e6 bits, 0.94% more (see docs/cost-model.md)."""
     space = SearchSpace("mobilenetv2", "imagenet")
     assert space.c_size(space.candidate(8)) == 8 * 3_469_760
+
+
+# ----- the built model is the costed model; ImageNet defaults are torchvision's -----------
+def weights_and_macs(model, in_channels: int, size: int) -> dict[str, tuple[tuple, int]]:
+    """Conv2d/Linear name -> (weight shape, MACs), in forward order, by hooks on meta."""
+    import torch
+    import torch.nn as nn
+
+    seen: dict[str, tuple[tuple, int]] = {}
+
+    def hook(m, inp, out, name):
+        pixels = out.shape[2] * out.shape[3] if out.dim() == 4 else 1
+        seen.setdefault(name, (tuple(m.weight.shape), m.weight.numel() * pixels))
+
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: hook(m, i, o, n))
+             for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        model(torch.empty(1, in_channels, size, size, device="meta"))
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenetv2"])
+def test_imagenet_defaults_are_torchvision(name):
+    """Through the CLI defaults (fixed first/last channels for 224-pixel data), width 1 has
+    exactly torchvision's conv and fc layers: names, weight shapes, weights and MACs."""
+    import torch
+    import torchvision
+
+    space = SearchSpace(name, "imagenet")
+    assert space.fixed_first and space.fixed_last
+    with torch.device("meta"):
+        reference = getattr(torchvision.models, name.replace("v2", "_v2"))(num_classes=1000)
+        ours = space.build(1.0)
+    theirs = weights_and_macs(reference, 3, 224)
+    inventory = {l.name: ((l.cout, l.cin // l.groups, *l.kernel) if l.role != "fc"
+                          else (l.cout, l.cin), l.macs) for l in space.layers}
+    assert len(space.layers) == len(theirs) == {"resnet18": 21, "resnet50": 54,
+                                                "mobilenetv2": 53}[name]
+    assert inventory == theirs
+    assert space.params(1.0).sum() == sum(math.prod(s) for s, _ in theirs.values())
+    assert (space.params(1.0) * space._hw_out).sum() == sum(m for _, m in theirs.values())
+    assert ({k: v.shape for k, v in ours.state_dict().items()}
+            == {k: v.shape for k, v in reference.state_dict().items()})
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+@pytest.mark.parametrize("model", list_families())
+def test_costs_count_the_built_model_at_every_width(model, fixed):
+    """One trace at width 1 costs every width and every topped-up candidate exactly: the
+    built model has the inventory's layers, weights and MACs (shortcuts included)."""
+    import torch
+
+    dataset = "imagenet" if get_family(model).image_size >= 128 else "cifar10"
+    space = SearchSpace(model, dataset, a_bits=1, pin_bits=None, fixed_first=fixed,
+                        fixed_last=fixed)
+    extra = tuple((k, space.family.granularity) for k in space._scalable_keys)
+    for width in (0.25, 0.5, 1.0, 1.7):
+        for channels in ((), extra):
+            cand = space.candidate(1).with_width(width, channels)
+            with torch.device("meta"):
+                built = weights_and_macs(space.build(cand), space.info.in_channels,
+                                         space.info.image_size)
+            assert list(built) == [l.name for l in space.layers], (width, channels)
+            weights = [math.prod(s) for s, _ in built.values()]
+            macs = [m for _, m in built.values()]
+            assert list(space.params(cand)) == weights, (width, channels)
+            assert space.c_size(cand) == sum(weights)
+            assert space.bitops(cand) == 8 * macs[0] + sum(macs[1:])  # 8-bit image in
+
+
+# ----- FracBits' conventions through `qsearch space show` -----------------------------------
+def show(capsys, *args: str) -> dict:
+    """Run `qsearch space show ARGS`; the layer count, conventions line and raw costs."""
+    from qsearch.cli import main
+
+    assert main(["space", "show", *args]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    total = lines[-1]
+    return {"layers": int(lines[0].split(": ")[1].split()[0]), "conventions": lines[1],
+            "rows": lines[3:-1], "c_size": float(total.split("(")[1].split(" bits")[0]),
+            "bitops": float(total.split("BitOPs (")[1].split(")")[0])}
+
+
+@pytest.mark.parametrize(("bits", "paper"), [(3, 22.83e9), (4, 34.70e9)])
+def test_fracbits_resnet18_bitops_table3(capsys, bits, paper):
+    """FracBits Table 3 (SAT/PACT rows): W3A3 22.83 G, W4A4 34.70 G BitOPs, first and last
+    layer at 8 bit, the first reading the 8-bit image, the fc reading a_bits activations."""
+    out = show(capsys, "--model", "resnet18", "--dataset", "imagenet", "--bits", str(bits),
+               "--a-bits", str(bits))
+    assert out["layers"] == 21
+    assert math.isclose(out["bitops"], paper, rel_tol=1e-3), out["bitops"] / paper - 1
+
+
+def test_space_show_conventions_change_the_numbers_as_documented(capsys):
+    base_args = ("--model", "resnet18", "--dataset", "imagenet", "--bits", "4", "--a-bits", "4")
+    space = SearchSpace("resnet18", "imagenet")
+    first, fc = space.layers[0], space.layers[-1]
+    base = show(capsys, *base_args)
+    assert base["conventions"] == ("first/last layer bits: 8, first/last channels fixed: "
+                                   "yes/yes, biases in C_size: no")
+    # float first/last layer: 32 weight bits; the stem still reads the 8-bit image
+    fp = show(capsys, *base_args, "--pin-bits", "32")
+    assert fp["c_size"] - base["c_size"] == 24 * (first.params + fc.params)
+    assert fp["bitops"] - base["bitops"] == 24 * (first.macs * 8 + fc.macs * 4)
+    # free first/last layer: 4-bit weights like the others
+    free = show(capsys, *base_args, "--pin-bits", "none")
+    assert base["c_size"] - free["c_size"] == 4 * (first.params + fc.params)
+    assert "first/last layer bits: free" in free["conventions"]
+    # the fc bias (1000 values) at the fc's 8 bits
+    bias = show(capsys, *base_args, "--count-bias")
+    assert bias["c_size"] - base["c_size"] == 8 * 1000 and bias["bitops"] == base["bitops"]
+    # --no-fixed-first scales MobileNetV2's stem with the width (16 channels at 0.5x)
+    args = ("--model", "mobilenetv2", "--dataset", "imagenet", "--width", "0.5")
+    stem = [show(capsys, *args, *flag)["rows"][0].split()[4]
+            for flag in ((), ("--no-fixed-first",))]
+    assert stem == ["32", "16"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--pin-bits", "9"], "pin bits '9' not understood"),
+    (["--pin-bits", "eight"], "pin bits 'eight' not understood"),
+    (["--fixed-first=yes"], "--fixed-first"),
+])
+def test_space_show_bad_conventions_one_line(capsys, args, message):
+    from qsearch.cli import main
+
+    assert main(["space", "show", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_search_space_rejects_bad_pin_bits():
+    with pytest.raises(QSearchError, match="pin bits 9 not allowed"):
+        SearchSpace("resnet20", pin_bits=9)
+    assert SearchSpace("resnet20", count_bias=True).describe()["count_bias"] is True
+    assert "count_bias" not in SearchSpace("resnet20").describe()  # unchanged by default

@@ -128,18 +128,42 @@ def test_resnet20_weight_count():
     assert weight_count(build("resnet20", 1.0)) == 270_896
 
 
+@pytest.mark.parametrize("fixed", FLAGS)
 @pytest.mark.parametrize(("name", "reference"), [
     ("resnet18", torchvision.models.resnet18),
     ("resnet50", torchvision.models.resnet50),
     ("mobilenetv2", torchvision.models.mobilenet_v2),
 ])
-def test_matches_torchvision_at_width_one(name, reference):
-    ours = build(name, 1.0, num_classes=1000)
+def test_matches_torchvision_at_width_one(name, reference, fixed):
+    ours = build(name, 1.0, num_classes=1000, fixed=fixed)
     with torch.device("meta"):
         theirs = reference(num_classes=1000)
     assert weight_count(ours) == weight_count(theirs)
     shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
     assert shapes == {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+
+
+@pytest.mark.parametrize("fixed_first", [False, True])
+def test_resnet18_layer1_keeps_identity_shortcuts(fixed_first):
+    """layer1 adds to the stem's output, so the two are one plan entry at every width; with
+    ``fixed_first`` the stem and layer1's output stay at 64 and layer1's inner width scales."""
+    for w in (0.25, 0.5, 1.0, 1.7):
+        plan = get_family("resnet18").plan(w, fixed_first=fixed_first)
+        assert plan["l1"] is plan["stem"]
+        assert plan["stem"] == (64 if fixed_first else round(64 * w))
+        if fixed_first:
+            assert plan["w1"] == round(64 * w)
+        names = weighted(build("resnet18", w, fixed=(fixed_first, False)))
+        assert not [n for n in names if n.startswith("layer1.") and "downsample" in n]
+        assert len(names) == 21
+
+
+def test_shortcut_projection_follows_keys_not_coincident_counts():
+    """ResNet-50 with a fixed 64-channel stem at 0.25x: layer1's output is 4 x 16 = 64 too, but
+    a different plan entry, so layer1.0 keeps its projection (the same layers at every width)."""
+    plan = get_family("resnet50").plan(0.25, fixed_first=True)
+    assert int(plan["stem"]) == int(plan["l1"]) == 64
+    assert "layer1.0.downsample.0" in weighted(build("resnet50", 0.25, fixed=(True, True)))
 
 
 def test_torchvision_mobilenetv2_widths():

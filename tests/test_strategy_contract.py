@@ -10,9 +10,17 @@ import math
 
 import pytest
 
+from qsearch import QSearchError
 from qsearch.budget import parse_budget
 from qsearch.space import SearchSpace
-from qsearch.strategy import FINISHED, Proposal, Result, create_strategy, list_strategies
+from qsearch.strategy import (
+    FINISHED,
+    GridStrategy,
+    Proposal,
+    Result,
+    create_strategy,
+    list_strategies,
+)
 from qsearch.tasks import TaskContext, get_task
 
 BUDGET = parse_budget("6KB")
@@ -99,14 +107,86 @@ def test_exhaustion_is_final_and_endless_strategies_stay_valid(name, space):
 
 
 def test_unknown_strategy_lists_the_valid_ones(space):
-    from qsearch import QSearchError
-
     with pytest.raises(QSearchError, match="uniform"):
         create_strategy("nope", space, BUDGET)
 
 
 def test_unknown_strategy_option_is_an_error(space):
-    from qsearch import QSearchError
-
     with pytest.raises(QSearchError, match="valid options"):
         create_strategy("uniform", space, BUDGET, colour="blue")
+    with pytest.raises(QSearchError, match="^strategy 'uniform': got an unexpected keyword "
+                                           "argument 'colour'; valid options: bits$"):
+        create_strategy("uniform", space, BUDGET, bits=[2], colour="blue")
+
+
+# ----- GridStrategy's prelude hook ----------------------------------------------------
+class Prelude(GridStrategy):
+    """A grid planned from a prelude trial: the prelude reports ``n``, the cells are 0..n-1
+    (at most ``max_trials - 1``, read when planning)."""
+
+    name = "prelude-test"
+
+    def __init__(self, space, budget, *, seed=0):
+        super().__init__(space, budget, seed=seed)
+        self.plans: list[Result | None] = []  # every call of plan(), to count them
+
+    def prelude(self) -> Proposal:
+        return Proposal(None, task="count")
+
+    def plan(self, prelude):
+        self.plans.append(prelude)
+        if not prelude.ok:
+            return []
+        n = prelude.metrics["n"]
+        return list(range(n if self.max_trials is None else min(n, self.max_trials - 1)))
+
+    def propose(self, cell) -> Proposal:
+        return Proposal(None, params={"cell": cell})
+
+
+def test_grid_prelude_runs_first_and_plans_the_cells(space):
+    s = Prelude(space, BUDGET)
+    s.max_trials = 4  # as the runner does, before the first ask
+    assert s.ask("p") == Proposal(None, task="count") and s.cells is None
+    assert s.ask("x") is None  # nothing to propose until the prelude's result is in
+    s.tell("p", Result("ok", 0.5, metrics={"n": 5}))
+    assert s.cells == [0, 1, 2] and len(s.plans) == 1  # planned once, with the trial limit
+    assert [s.ask(t).params["cell"] for t in "abc"] == [0, 1, 2]
+    assert s.ask("d") == FINISHED
+
+    failed = Prelude(space, BUDGET)
+    failed.ask("p")
+    failed.tell("p", Result("failed", error="no float model"))
+    assert failed.cells == [] and failed.ask("q") == FINISHED
+
+
+def test_grid_prelude_state_round_trip(space):
+    s = Prelude(space, BUDGET)
+    s.ask("p")
+    in_flight = json.loads(json.dumps(s.state_dict()))  # saved while the prelude runs
+    s.tell("p", Result("ok", 0.5, metrics={"n": 3}))
+    s.ask("a")
+    s.tell("a", Result("ok", 0.7))
+    s.ask("b")  # left in flight
+    state = json.loads(json.dumps(s.state_dict()))
+
+    r = Prelude(space, BUDGET)
+    r.load_state_dict(state)  # planned again from the saved result: no second prelude
+    assert r.cells == [0, 1, 2] and r.plans[0].metrics == {"n": 3}
+    assert r.inflight == {"b": 1} and r.ask("c").params == {"cell": 2}
+    r.tell("b", Result("ok", 0.6))  # the runner replays the in-flight trial under its id
+    r.tell("c", Result("failed", error="x"))
+    assert r.ask("d") == FINISHED
+    assert [(c, a) for c, a in r.results()][:2] == [(0, 0.7), (1, 0.6)]
+    assert math.isnan(r.results()[2][1]) and r.errors == {2: "x"}
+
+    q = Prelude(space, BUDGET)
+    q.load_state_dict(in_flight)
+    assert q.cells is None and q.ask("x") is None  # the prelude still runs: wait for it
+    q.tell("p", Result("ok", 0.5, metrics={"n": 2}))
+    assert q.cells == [0, 1] and q.ask("y").params == {"cell": 0}
+
+    short = Prelude(space, BUDGET)
+    short.max_trials = 2  # plans one cell, not the saved three
+    with pytest.raises(QSearchError, match="same settings"):
+        short.load_state_dict(state)

@@ -18,13 +18,12 @@ import torch
 from qsearch import QSearchError
 from qsearch.budget import Budget
 from qsearch.space import SearchSpace
+from qsearch.strategies._fracbits_cost import FracCost, discretise
 from qsearch.strategies.fracbits import (
     UNIT,
     FracBits,
     FracBitsConfig,
     FracBitsRun,
-    FracCost,
-    discretise,
     fracbits_task,
 )
 from qsearch.strategy import FINISHED, Proposal, Result, create_strategy, list_strategies, run_local
@@ -305,6 +304,14 @@ def test_task_resumes_exactly_from_a_reported_state(tiny, resume_at):
     with pytest.raises(QSearchError, match="cannot resume"):
         fracbits_task(context(tiny, budget, {"search_fraction": 0.75},
                               restored=states[resume_at]))
+    # a state of the loop FracBits had before it used train() (STATE_VERSION 1)
+    old = {"version": 1, "signature": {}, "step": resume_at, "discrete": None, "bits": [],
+           "model": saved["model"], "optimizer": saved["optimizer"], "rng": torch.get_rng_state()}
+    with pytest.raises(QSearchError, match="cannot resume"):
+        fracbits_task(context(tiny, budget, params, restored=old))
+    stale = {**saved, "hooks": {**saved["hooks"], "version": 1}}
+    with pytest.raises(QSearchError, match="cannot resume this fracbits trial"):
+        fracbits_task(context(tiny, budget, params, restored=stale))
 
 
 def test_task_stopped_during_search_still_returns_a_fitting_model(tiny):

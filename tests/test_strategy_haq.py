@@ -1,5 +1,5 @@
 """HAQ agent: state embedding, action mapping, HAQ's budget wall, SB3 env, save/restore,
-learning on a synthetic reward, concurrent trials."""
+the SB3 glue and its one private hook, learning on a synthetic reward, concurrent trials."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import torch
 from qsearch import QSearchError
 from qsearch.budget import parse_budget
 from qsearch.space import SearchSpace
+from qsearch.strategies._haq_learner import refill_order, torch_context
+from qsearch.strategies._sb3_adapter import set_update_count, update_count
 from qsearch.strategies.haq import (
     HAQ,
     STATE_FIELDS,
@@ -167,6 +169,80 @@ def test_state_round_trip(space):
     assert agent.summary() == clone.summary()
 
 
+def test_state_round_trip_with_wrapped_replay_buffer(space):
+    """Episodes stored past the buffer's capacity overwrite the oldest: a restored agent has
+    the same transitions in the same slots and the same write position."""
+    kw = {"seed": 2, "warmup": 1, "buffer_episodes": 3, "gradient_steps": 3}
+    agent = HAQ(space, BUDGET, **kw)
+    for i in range(8):  # 8 episodes in a ring of 3: the next write goes to slot 8 % 3 = 2
+        p = agent.ask(str(i))
+        agent.tell(str(i), ok(p, 0.5 + 0.01 * i))
+    state = json.loads(json.dumps(agent.state_dict()))
+    clone = HAQ(space, BUDGET, **kw)
+    clone.load_state_dict(state)
+    for step in range(2):  # sampling the same slots; then one more episode overwrites one
+        samples = []
+        for a in (agent, clone):
+            assert a.model.replay_buffer.size() == 3 * len(space.free_layers)
+            with torch_context(seed=11):
+                samples.append(a.model.replay_buffer.sample(64))
+        for x, y in zip(*samples):
+            assert x is None and y is None or torch.equal(x, y)
+        assert [a.ask(f"more{step}").to_dict() for a in (agent, clone)].count(None) == 0
+        assert agent.pending == clone.pending
+        for a in (agent, clone):
+            a.tell(f"more{step}", Result("ok", 0.6))
+    assert agent.summary() == clone.summary()
+    with pytest.raises(QSearchError, match="same buffer_episodes"):
+        HAQ(space, BUDGET, **{**kw, "buffer_episodes": 4}).load_state_dict(state)
+    with pytest.raises(QSearchError, match="start a new run"):
+        clone.load_state_dict({**state, "version": 1})
+
+
+@pytest.mark.parametrize("total, capacity, expected", [
+    (2, 3, ["a", "b"]), (3, 3, ["a", "b", "c"]),
+    (4, 3, ["d", "b", "c", "d"]),  # b c d kept in slots 1 2 0; write position 1
+    (8, 3, ["c", "d", "b", "c", "d"]),  # b c d kept in slots 2 0 1; write position 2
+])
+def test_refill_order(total, capacity, expected):
+    kept = ["a", "b", "c"][:min(total, capacity)] if total <= capacity else ["b", "c", "d"]
+    assert refill_order(kept, total, capacity) == expected
+
+
+def test_sb3_glue_two_rates_and_centred_rewards(space):
+    """SB3's train step runs the actor at actor_lr and the critic at critic_lr, and samples
+    through the buffer's baseline (both rely on SB3's public API only)."""
+    agent = HAQ(space, BUDGET, warmup=1, actor_lr=2e-4, critic_lr=7e-4)
+    assert agent.model.replay_buffer.baseline is None
+    p = agent.ask("0")
+    agent.tell("0", ok(p, 0.5))  # the first told episode trains once warm-up is over
+    assert agent.model.actor.optimizer.param_groups[0]["lr"] == 2e-4
+    assert agent.model.critic.optimizer.param_groups[0]["lr"] == 7e-4
+    assert agent.model.replay_buffer.baseline == pytest.approx(0.0)  # reward 0 (ref acc)
+    with torch_context(seed=0):
+        rewards = agent.model.replay_buffer.sample(8).rewards
+    assert torch.all(rewards == 0.0)
+
+
+def test_sb3_update_counter_adapter(space):
+    """The one SB3 internal in use (strategies/_sb3_adapter.py). Fails when the installed
+    stable-baselines3 renames the counter or TD3's delayed actor update stops reading it."""
+    agent = HAQ(space, BUDGET, warmup=1, gradient_steps=1)  # TD3, policy_delay 2
+    p = agent.ask("0")
+    agent.tell("0", ok(p, 0.5))
+    assert update_count(agent.model) == 1 and agent.model.policy_delay == 2
+    for count, actor_steps in ((0, False), (1, True)):  # the next update is number count+1
+        set_update_count(agent.model, count)
+        before = [t.clone() for t in agent.model.actor.parameters()]
+        with torch_context(seed=0):
+            agent.model.train(gradient_steps=1, batch_size=8)
+        assert update_count(agent.model) == count + 1
+        after = list(agent.model.actor.parameters())
+        assert any(not torch.equal(a, b) for a, b in zip(before, after)) == actor_steps
+    with pytest.raises(RuntimeError, match="_sb3_adapter.py"):
+        set_update_count(object(), 3)
+
+
 def test_seeded_and_leaves_global_rngs_alone(space):
     np.random.seed(123)
     torch.manual_seed(123)
@@ -214,7 +290,7 @@ def test_concurrent_trials_told_in_reverse(space):
     agent.tell("b", ok(b, 0.8))
     agent.tell("a", ok(a, 0.7))
     assert agent.pending == {} and [r["episode"] for r in agent.history] == [1, 0]
-    assert agent.model.replay_buffer.pos == 2 * len(space.free_layers)
+    assert agent.model.replay_buffer.size() == 2 * len(space.free_layers)
     c, d = agent.ask("c"), agent.ask("d")  # policy episodes, same actor, different noise
     assert not c.params["warmup"] and c.to_dict() != d.to_dict()
     agent.tell("d", ok(d, 0.9))
@@ -228,11 +304,12 @@ def test_failed_dropped_diverged_penalised(space):
     agent.tell("0", ok(p[0], 0.9))
     agent.tell("1", Result("failed", error="worker lost"))
     agent.tell("2", Result("ok", float("nan")))
-    assert agent.model.replay_buffer.pos == len(space.free_layers)  # both dropped
+    assert agent.model.replay_buffer.size() == len(space.free_layers)  # both dropped
     agent.tell("3", Result("diverged"))
     assert agent.history[-1]["accuracy"] == pytest.approx(10.0)  # chance, 10 classes
     assert agent.history[-1]["reward"] == pytest.approx(0.1 * (10.0 - 90.0))
-    agent.tell("unknown", ok(p[0], 0.5))  # not ours: ignored
+    with pytest.warns(UserWarning, match="haq: result for unknown trial 'unknown' ignored"):
+        agent.tell("unknown", ok(p[0], 0.5))  # not ours: ignored
     summary = agent.summary()
     assert summary["episodes"] == 2 and summary["dropped"] == 2
     assert summary["best_accuracy"] == pytest.approx(90.0)

@@ -17,7 +17,7 @@ from qsearch import QSearchError
 from qsearch.budget import parse_budget
 from qsearch.quant import quant_error
 from qsearch.space import SearchSpace
-from qsearch.strategies.mixquant import (
+from qsearch.strategies._qe import (
     MIXQUANT_BITS,
     _asym_qe_torch,
     mixquant_bits,
@@ -126,6 +126,22 @@ def test_short_search_spreads_its_candidates_over_the_sweep(space):
     assert short.sweep[0] > full.sweep[0] and short.sweep[-1] < full.sweep[-1]
     assert short.sweep[-1] > full.sweep[3]  # not the first 3 of the full sweep
     assert len(history) == 4 and all(r.status == "ok" for _, r in history)
+
+
+def test_rounding_ties_at_the_range_ends():
+    """At 2 bits max / scale = 1.5 is a tie that rounds past the top code: the QE table
+    (which never clamps) must still agree with the clamping quantizer, on both paths."""
+    w = torch.tensor([-1.0, 0.3, 1.0])
+    levels = torch.tensor([3.0, 7.0])
+    for ws in (w, w.neg(), w.repeat(50_000)):
+        loop = [quant_error(ws, 2), quant_error(ws, 3)]
+        np.testing.assert_allclose(qe_table([ws], (2, 3), per_channel=False)[0], loop,
+                                   rtol=1e-5)
+        np.testing.assert_allclose(_asym_qe_torch(ws.view(1, -1), levels, False), loop,
+                                   rtol=1e-4)  # float32 row sums over 150k elements
+        rows = ws.view(1, -1)
+        np.testing.assert_allclose(qe_table([rows], (2, 3))[0],
+                                   [quant_error(rows, b, True) for b in (2, 3)], rtol=1e-5)
 
 
 def test_qe_is_monotone_in_bits(weights):
@@ -249,7 +265,8 @@ def test_state_round_trip_does_not_retrain_the_float_model(space):
     s.tell("a", evaluate(p0))
     p1 = s.ask("b")  # left in flight
     state = json.loads(json.dumps(s.state_dict()))
-    assert state["table"] is not None and state["inflight"] == {"b": 1}
+    assert state["prelude"]["result"]["metrics"]["qe_table"] is not None  # the QE table
+    assert state["inflight"] == {"b": 1}
 
     r = create_strategy("mixquant", space, budget, qems=[8, 128, 512, 2048, 8192])
     r.load_state_dict(state)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -11,7 +12,15 @@ import torch.nn as nn
 from qsearch import QSearchError
 from qsearch.data import load_dataset
 from qsearch.spaces import get_family
-from qsearch.train import TrainConfig, evaluate, lr_at, set_threads, total_steps, train
+from qsearch.train import (
+    TrainConfig,
+    TrainHooks,
+    evaluate,
+    lr_at,
+    set_threads,
+    total_steps,
+    train,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -68,7 +77,7 @@ def test_schedule_is_what_the_optimizer_used(splits):
 def test_config_is_plain_json_and_validated():
     cfg = TrainConfig.recipe("imagenet", epochs=0.5, seed=3)
     assert (cfg.weight_decay, cfg.label_smoothing, cfg.batch_size) == (4e-5, 0.1, 256)
-    assert TrainConfig.from_json(cfg.to_json()) == cfg
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     small = TrainConfig.recipe("cifar10", epochs=300)
     assert (small.lr, small.momentum, small.nesterov, small.weight_decay, small.batch_size) == (
         0.05, 0.9, True, 5e-4, 128)
@@ -219,3 +228,171 @@ def test_set_threads():
     set_threads(before)
     with pytest.raises(QSearchError):
         set_threads(0)
+
+
+# ----- hooks ----------------------------------------------------------------------------------
+def linear_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(16 * 16, 4))
+
+
+class L2Term(TrainHooks):
+    """Weight decay written as an extra loss term: (wd / 2) x sum of squared weights."""
+
+    def __init__(self, wd: float):
+        self.wd = wd
+
+    def loss(self, model, x, y, criterion, step):
+        l2 = sum((p * p).sum() for p in model.parameters())
+        return criterion(model(x), y), {"l2": 0.5 * self.wd * l2}
+
+
+def test_extra_loss_term_reaches_the_gradients(splits):
+    """Its gradient is SGD's weight decay: the same run as the config's weight_decay."""
+    by_term, by_config, plain = linear_model(), linear_model(), linear_model()
+    r_term = train(by_term, splits, short(weight_decay=0.0), hooks=L2Term(0.05))
+    r_config = train(by_config, splits, short(weight_decay=0.05))
+    train(plain, splits, short(weight_decay=0.0))
+    for a, b in zip(by_term.parameters(), by_config.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert not same_weights(by_term, plain)
+    for h_term, h_config in zip(r_term.history, r_config.history, strict=True):
+        assert h_term["l2"] > 0  # logged, averaged over the window
+        assert h_term["train_loss"] == pytest.approx(h_config["train_loss"], rel=1e-4)
+
+
+def head_of(model: nn.Module) -> nn.Module:
+    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+
+
+class FrozenHead(TrainHooks):
+    """The classifier in its own group: no learning rate, another weight decay."""
+
+    def param_groups(self, model):
+        return [{"params": head_of(model).parameters(), "lr_scale": 0.0, "weight_decay": 0.0}]
+
+
+def test_param_groups_get_their_own_settings(splits):
+    model = tiny_model()
+    head = [p.detach().clone() for p in head_of(model).parameters()]
+    rest = [p.detach().clone() for p in model.parameters()][: -len(head)]
+    states = []
+    cfg = short(weight_decay=1e-3)
+    train(model, splits, cfg, hooks=FrozenHead(), callback=lambda m, f: states.append(f()))
+    assert all(torch.equal(p, q) for p, q in zip(head_of(model).parameters(), head, strict=True))
+    assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), rest, strict=False))
+    groups = states[-1]["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [1e-3, 0.0]
+    assert [len(g["params"]) for g in groups] == [len(rest), len(head)]
+    assert groups[0]["lr"] == pytest.approx(lr_at(cfg.steps - 1, cfg.steps, cfg))
+    assert groups[1]["lr"] == 0.0
+
+
+class StopAt(TrainHooks):
+    def __init__(self, at: int):
+        self.at, self.seen = at, []
+
+    def after_step(self, step, model):
+        self.seen.append(step)
+        return step == self.at
+
+
+def test_after_step_can_stop_the_run(splits):
+    hooks, calls = StopAt(5), []
+    result = train(tiny_model(), splits, short(), hooks=hooks,
+                   callback=lambda m, f: calls.append(m["step"]))
+    assert result.status == "stopped" and result.steps == 5 and "step 5" in result.reason
+    assert hooks.seen == [1, 2, 3, 4, 5]
+    assert calls == [5] and [h["step"] for h in result.history] == [5]  # evaluated at the stop
+    assert result.val_acc == result.history[-1]["val_acc"]
+
+
+class WeightNorm(TrainHooks):
+    """Adds the weight norm to each evaluation and replaces val_acc by a made-up score."""
+
+    def evaluate(self, model, splits, metrics, *, batch_size, device):
+        out = super().evaluate(model, splits, metrics, batch_size=batch_size, device=device)
+        norm = float(sum((p.detach() ** 2).sum() for p in model.parameters())) ** 0.5
+        return {**out, "weight_norm": norm, "real_acc": out["val_acc"],
+                "val_acc": 1 - metrics["step"] / 100}
+
+
+def test_custom_evaluation_metrics_land_in_the_history(splits):
+    seen = []
+    result = train(tiny_model(), splits, short(), hooks=WeightNorm(),
+                   callback=lambda m, f: seen.append(m))
+    assert [h["step"] for h in result.history] == [8, 16, 24]
+    assert all(h["weight_norm"] > 0 and 0 <= h["real_acc"] <= 1 for h in result.history)
+    assert [h["val_acc"] for h in result.history] == pytest.approx([0.92, 0.84, 0.76])
+    assert result.best_val_acc == pytest.approx(0.92)  # best tracks the hook's val_acc
+    assert seen == result.history
+
+
+class LossEMA(TrainHooks):
+    """Stateful: weights each step's loss by a running mean of past losses, so a run only
+    continues exactly if this state is restored."""
+
+    def __init__(self, restore: bool = True):
+        self.ema, self.restore = 1.0, restore
+
+    def loss(self, model, x, y, criterion, step):
+        ce = criterion(model(x), y)
+        self.ema = 0.7 * self.ema + 0.3 * float(ce.detach())
+        return ce, {"scaled": (self.ema - 1) * ce}
+
+    def state_dict(self):
+        return {"ema": self.ema}
+
+    def load_state_dict(self, state):
+        if self.restore:
+            self.ema = state["ema"]
+
+
+def test_hook_state_resumes_exactly(splits):
+    cfg = short(steps=20, eval_every_steps=5)
+    full, hooks_full = tiny_model(), LossEMA()
+    train(full, splits, cfg, hooks=hooks_full)
+    saved = {}
+
+    def stop(metrics, state_fn):
+        if metrics["step"] == 10:
+            saved["state"] = state_fn()
+            return True
+        return None
+
+    train(tiny_model(), splits, cfg, hooks=LossEMA(), callback=stop)
+    assert saved["state"]["hooks"]["ema"] != 1.0
+    resumed, hooks_resumed = tiny_model(), LossEMA()
+    train(resumed, splits, cfg, hooks=hooks_resumed, start_state=saved["state"])
+    assert same_weights(full, resumed) and hooks_resumed.ema == hooks_full.ema
+    forgetful = tiny_model()  # the same run without the hook's state goes elsewhere
+    train(forgetful, splits, cfg, hooks=LossEMA(restore=False), start_state=saved["state"])
+    assert not same_weights(full, forgetful)
+
+
+class HalfBatches(TrainHooks):
+    """Two forward/backward passes per step (as the sandwich rule does), one per half batch,
+    each weighted 1/2: for a model without BatchNorm the gradient of the whole batch."""
+
+    def forward_backward(self, model, x, y, criterion, step):
+        losses = []
+        for xs, ys in ((x[: len(x) // 2], y[: len(y) // 2]), (x[len(x) // 2:], y[len(y) // 2:])):
+            loss = criterion(model(xs), ys)
+            (0.5 * loss).backward()
+            losses.append(loss.detach())
+        return 0.5 * (losses[0] + losses[1]), {}
+
+
+def test_several_backward_passes_per_step(splits):
+    one, two = linear_model(), linear_model()
+    r_one = train(one, splits, short())
+    r_two = train(two, splits, short(), hooks=HalfBatches())
+    for a, b in zip(one.parameters(), two.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert [h["train_loss"] for h in r_two.history] == pytest.approx(
+        [h["train_loss"] for h in r_one.history], rel=1e-5)
+
+
+def test_resuming_a_foreign_state_is_refused(splits):
+    with pytest.raises(QSearchError, match="cannot resume: not a training state"):
+        train(tiny_model(), splits, short(), start_state={"version": 1, "step": 3})

@@ -1,0 +1,286 @@
+"""The Ray Tune adapter, the only module that knows Ray (imported by :mod:`qsearch.runner`).
+
+- :func:`trial_fn`, the function trainable: :func:`qsearch.trial.run_trial` with Tune's
+  reports, checkpoints (at each evaluation, and between evaluations every
+  ``checkpoint_every_s`` of the trial config) and stop requests.
+- A ``Searcher`` (suggest -> ``Runner.suggest``, on_trial_complete -> ``Runner.complete``)
+  and a ``Callback`` (trial start, intermediate results, checkpoints, errors) around a
+  :class:`~qsearch.runner.Runner`.
+- :func:`fit` builds the ``Tuner``; :func:`init_ray` starts embedded local Ray or joins the
+  cluster at ``--address``.
+
+Stop requests: when the runner decides a trial should stop (``Runner.on_result``), it posts
+the trial id to a small actor on the driver's node; the trial reads it after each report
+and its task ends at that evaluation with what it has (status ``stopped`` in the store).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qsearch import QSearchError
+from qsearch.files import RAY_LOG_FILE
+from qsearch.strategy import FINISHED
+from qsearch.trial import run_trial, scalar_metrics
+
+if TYPE_CHECKING:
+    from qsearch.runner import Runner
+
+NAMESPACE = "qsearch"
+
+
+# ----- the trainable --------------------------------------------------------------------
+def _save_state(state: dict, directory: str) -> None:
+    import torch
+
+    torch.save(state, os.path.join(directory, "state.pt"))
+
+
+def _load_state(directory: str | None) -> dict | None:
+    import torch
+
+    path = os.path.join(directory, "state.pt") if directory else None
+    if not path or not os.path.exists(path):
+        return None
+    return torch.load(path, weights_only=True)
+
+
+def trial_fn(config: dict[str, Any]) -> None:
+    """Ray Tune function trainable: run one trial and report its result."""
+    import ray
+    from ray import tune
+
+    ckpt = tune.get_checkpoint()
+    restored = (_load_state(ckpt.to_directory()) if ckpt else None) or _load_state(
+        config.get("resume_from"))
+    board = ray.get_actor(config["stop_board"], namespace=NAMESPACE)
+    trial_id = tune.get_context().get_trial_id()
+
+    def report(metrics: dict, state_fn=None) -> bool:
+        # a checkpoint between evaluations has no accuracy; Tune wants its metric in each
+        metrics = {"val_acc": float("nan"), **scalar_metrics(metrics), "final": False}
+        if state_fn is None:
+            tune.report(metrics)
+        else:
+            with tempfile.TemporaryDirectory() as d:
+                _save_state(state_fn(), d)
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+        try:
+            return ray.get(board.requested.remote(trial_id), timeout=30)
+        except (ray.exceptions.RayError, TimeoutError):  # no board: no stop request
+            return False
+
+    final = run_trial(config, report=report, restored=restored,
+                      node=ray.util.get_node_ip_address(),
+                      checkpoint_every_s=config.get("checkpoint_every_s"))
+    tune.report(final)
+
+
+def _stop_board_class():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class StopBoard:
+        """Trial ids whose stop the runner requested."""
+
+        def __init__(self):
+            self.ids: set[str] = set()
+
+        def stop(self, trial_id: str) -> None:
+            self.ids.add(trial_id)
+
+        def requested(self, trial_id: str) -> bool:
+            return trial_id in self.ids
+
+    return StopBoard
+
+
+# ----- searcher and callback around a Runner --------------------------------------------
+def _searcher(runner: Runner):
+    from ray.tune.search import Searcher
+
+    class StrategySearcher(Searcher):
+        """suggest -> Runner.suggest, on_trial_complete -> Runner.complete."""
+
+        def __init__(self):
+            super().__init__(metric="val_acc", mode="max")
+
+        def suggest(self, trial_id: str):
+            config = runner.suggest(trial_id)
+            if config is None or config == FINISHED:
+                return Searcher.FINISHED if config == FINISHED else None
+            return {**config, "stop_board": board_name}
+
+        def on_trial_complete(self, trial_id: str, result=None, error: bool = False):
+            runner.complete(trial_id, result, error)
+
+        def save(self, checkpoint_path: str) -> None:  # the runner's state is in state.json
+            pass
+
+        def restore(self, checkpoint_path: str) -> None:
+            pass
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    board_name = f"stop-{uuid.uuid4().hex[:12]}"
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    board = _stop_board_class().options(name=board_name, namespace=NAMESPACE,
+                                        scheduling_strategy=here).remote()
+    return StrategySearcher(), board
+
+
+def _callback(runner: Runner, board):
+    from ray import tune
+
+    class RunnerCallback(tune.Callback):
+        """Trial starts, results, checkpoints and errors, from the driver."""
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            runner.started_trial(trial.trial_id)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if not result.get("final") and runner.on_result(trial.trial_id, result):
+                board.stop.remote(trial.trial_id)
+
+        def on_step_end(self, iteration, trials, **info):
+            runner.tick()
+
+        def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+            runner.checkpoints[trial.trial_id] = checkpoint.path
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            runner.errored(trial.trial_id, _error_text(trial))
+
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            last = trial.last_result or {}
+            runner.recovering(trial.trial_id, last.get("node_ip") or "?",
+                              last.get("step") if trial.checkpoint else None)
+
+    return RunnerCallback()
+
+
+def _error_text(trial) -> str:
+    """The last line of a failed trial's error file (Ray writes it before telling us)."""
+    with contextlib.suppress(OSError, TypeError):
+        lines = [ln for ln in Path(trial.error_file).read_text().splitlines() if ln.strip()]
+        if lines:
+            return lines[-1][:500]
+    return "trial raised (see error.txt in its directory under tune/)"
+
+
+# ----- running --------------------------------------------------------------------------
+def fit(runner: Runner, num_samples: int, run_name: str) -> None:
+    """Run up to ``num_samples`` trials of ``runner`` with Ray Tune."""
+    import ray
+    from ray import tune
+
+    spec = runner.spec
+    resources = {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial}
+    concurrency = spec.concurrency or max(
+        1, int(ray.cluster_resources().get("CPU", 1) // spec.cpus_per_trial))
+    searcher, board = _searcher(runner)
+    tuner = tune.Tuner(
+        tune.with_resources(trial_fn, resources),
+        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=num_samples,
+                                    max_concurrent_trials=concurrency, reuse_actors=True),
+        run_config=tune.RunConfig(
+            name=run_name, storage_path=str((runner.out / "tune").resolve()), verbose=0,
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            callbacks=[_callback(runner, board)]),
+    )
+    try:
+        with _ray_output_to(runner.out / RAY_LOG_FILE) as console:
+            runner.display.use_stream(console)
+            tuner.fit()
+    finally:
+        runner.display.use_stream(sys.stdout)
+        ray.kill(board)
+
+
+@contextlib.contextmanager
+def _ray_output_to(path: Path):
+    """Ray's own driver-side output (warnings, a lost node's raylet log dump) goes to a log
+    file: file descriptors 1 and 2 point there meanwhile. Yields a stream on the console
+    for our own progress and messages."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    console = os.fdopen(os.dup(saved[1]), "w", buffering=1)
+    with open(path, "a") as log:
+        for fd in saved:
+            os.dup2(log.fileno(), fd)
+        try:
+            yield console
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, copy in saved.items():
+                os.dup2(copy, fd)
+                os.close(copy)
+            console.close()
+
+
+def init_ray(address: str | None, out: Path) -> None:
+    """Embedded local Ray (session files in the system temp dir) or a cluster at ``address``."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("SB3_LOGDIR", str(out.resolve() / "sb3"))
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs = dict(logging_level=logging.ERROR, log_to_driver=False,
+                  include_dashboard=False, configure_logging=True)
+    if address:
+        _check_reachable(address)
+        ray.init(address=address, **kwargs)
+    else:
+        tmp = Path(tempfile.gettempdir()) / f"qsearch-ray-{os.getuid()}"
+        ray.init(_temp_dir=str(tmp), **kwargs)
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Something answers at ``address`` and speaks gRPC (HTTP/2), as Ray's GCS does: an
+    HTTP/2 client preface must be answered by a SETTINGS frame within ``timeout`` seconds.
+    Without this check ``ray.init`` retries a non-Ray server for minutes."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    fix = "start it with `ray start --head`, or omit --address for local Ray"
+    try:
+        with socket.create_connection((host or address, int(port or 6379)),
+                                      timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))
+            head = sock.recv(9)
+    except (OSError, ValueError) as e:
+        raise QSearchError(f"Ray cluster at --address {address[:80]!r} is unreachable ({e}): "
+                           f"{fix}") from None
+    if len(head) < 4 or head[3] != 4:
+        raise QSearchError(f"--address {address[:80]!r} answers, but not as a Ray cluster (no "
+                           f"gRPC handshake within {timeout:.0f} s): give the head node's GCS "
+                           f"address (host:port, port 6379 by default), or {fix}")
+
+
+def check_resources(cpus: float, gpus: float) -> None:
+    """A trial asking for more than any live node has would wait forever: refuse it."""
+    import ray
+
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    if any(n.get("CPU", 0) >= cpus and n.get("GPU", 0) >= gpus for n in nodes):
+        return
+    have = ", ".join(f"{n.get('CPU', 0):g} CPU/{n.get('GPU', 0):g} GPU" for n in nodes)
+    raise QSearchError(f"a trial asks for {cpus:g} CPU and {gpus:g} GPU but no node of the "
+                       f"cluster has that (nodes: {have or 'none'}): lower --cpus-per-trial / "
+                       "--gpus-per-trial, or add a node that has them")

@@ -1,0 +1,257 @@
+"""The runner core, Ray-free: one stage of an experiment directory (strategy, store, state,
+progress) and the trial configs it hands out.
+
+Any executor drives a :class:`Runner` through four calls: ``suggest(trial_id)`` for a
+trial config (or None: ask later, or ``FINISHED``), ``on_result(trial_id, metrics)`` for
+each intermediate report (returns True when the trial should stop), ``complete(trial_id,
+report, error)`` when it ends and ``errored(trial_id, message)`` for the error text of a
+trial that raised. :func:`execute` runs trials with Ray Tune (:mod:`qsearch.ray_tune`, the
+only module that knows Ray) or, with ``inline=True``, one after the other in this process.
+
+State lives in plain files (:mod:`qsearch.files`), never pickles. Trials in flight when the
+driver died are run again under their original ids, from their last checkpoint if any.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from qsearch import QSearchError
+from qsearch.console import Display, Snapshot
+from qsearch.files import RAY_LOG_FILE, state_file
+from qsearch.final import best_row
+from qsearch.planning import Budgets, budget_text, plan_budgets
+from qsearch.spec import Spec, space_from_spec
+from qsearch.store import ResultsStore
+from qsearch.strategy import FINISHED, Proposal, Result, Strategy, create_strategy
+from qsearch.trial import result_from_report
+
+# a running trial also saves a checkpoint this often between evaluations (seconds)
+CHECKPOINT_EVERY_S = float(os.environ.get("QSEARCH_CHECKPOINT_EVERY", "60"))
+
+
+class StateFile:
+    """``<out>/state.json`` (``state-<stage>.json``): strategy state, trials in flight,
+    counters. Written atomically."""
+
+    def __init__(self, out: Path, stage: str = "search"):
+        self.path = out / state_file(stage)
+
+    def load(self) -> dict | None:
+        if not self.path.exists():
+            return None
+        try:
+            return json.loads(self.path.read_text())
+        except json.JSONDecodeError:
+            raise QSearchError(f"{self.path} is corrupted; the experiment cannot resume "
+                               "(start a new one with another --out)") from None
+
+    def save(self, state: dict) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, self.path)
+
+
+class Runner:
+    """Drives one stage of an experiment directory: strategy, store, state, progress.
+
+    The search stage runs the spec's strategy at the search budget; the final stage runs
+    :class:`~qsearch.final.FinalRetrain` at the target budget with ``spec.final_train``.
+    """
+
+    def __init__(self, spec: Spec, out: Path, *, stage: str = "search",
+                 strategy: Strategy | None = None, state: dict | None = None,
+                 display: Display | None = None, inline: bool = False):
+        self.spec, self.out, self.stage, self.inline = spec, out, stage, inline
+        self.display = display or Display()
+        self.space = space_from_spec(spec)
+        self.budgets = plan_budgets(spec, self.space)
+        if stage == "final":
+            self.budgets = Budgets(self.budgets.target, self.budgets.target, None)
+        self.train = spec.final_train if stage == "final" else spec.train
+        self.strategy = strategy or create_strategy(
+            spec.strategy, self.space, self.budgets.search, seed=spec.seed,
+            **spec.strategy_kwargs)
+        self.strategy.max_trials = spec.trials if stage == "search" else spec.final_seeds
+        self.store = ResultsStore(out)
+        self.state_file = StateFile(out, stage)
+        self.live: dict[str, dict] = {}  # trial id -> {"index", "proposal", "origin"}
+        self.replay: list[tuple[str, dict]] = []  # trials to run again after a resume
+        self.checkpoints: dict[str, str] = {}
+        self.started: dict[str, float] = {}
+        self.awaiting_error: dict[str, tuple[dict, float]] = {}
+        self.next_index = 0
+        self.t0 = time.time()
+        self.finished_before = len(self.rows())
+        self.experiment_id = spec.name or out.name
+        if state:
+            self.strategy.load_state_dict(state["strategy"])
+            self.next_index = state["next_index"]
+            self.replay = sorted(state["live"].items(), key=lambda kv: kv[1]["index"])
+            self.checkpoints = state.get("checkpoints", {})
+
+    # ----- the executor's side
+    def suggest(self, trial_id: str) -> dict | None | str:
+        """A trial config, None (ask again later) or ``FINISHED``."""
+        if self.replay:
+            origin, entry = self.replay.pop(0)
+            self.live[trial_id] = {**entry, "origin": origin}
+            return self._config(entry, resume_from=self.checkpoints.get(origin))
+        proposal = self.strategy.ask(trial_id)
+        if proposal is None or proposal == FINISHED:
+            return proposal
+        entry = {"index": self.next_index, "proposal": proposal.to_dict(), "origin": trial_id}
+        self.next_index += 1
+        self.live[trial_id] = entry
+        self.save_state()
+        return self._config(entry)
+
+    def _config(self, entry: dict, resume_from: str | None = None) -> dict:
+        return {"spec": self.spec.to_dict(), "proposal": entry["proposal"],
+                "train": self.train, "budget": budget_text(self.budgets.search),
+                "resume_from": resume_from, "checkpoint_every_s": CHECKPOINT_EVERY_S,
+                "seed_offset": entry["proposal"]["params"].get("seed_offset", 0)}
+
+    def started_trial(self, trial_id: str) -> None:
+        self.started[trial_id] = time.time()
+        self.progress()
+
+    def on_result(self, trial_id: str, metrics: dict) -> bool:
+        """An intermediate report; True when the strategy wants the trial stopped. Reports
+        that only carry a checkpoint (no evaluation) are not shown to the strategy."""
+        entry = self.live.get(trial_id)
+        if not entry or metrics.get("checkpoint"):
+            return False
+        return bool(self.strategy.should_stop(entry["origin"], metrics))
+
+    def complete(self, trial_id: str, report: dict | None, error: bool) -> None:
+        """A trial ended: tell the strategy, store the row. A trial that raised is stored
+        by ``errored``, which the executor calls next with its error text."""
+        entry = self.live.pop(trial_id)
+        result = result_from_report(report, error, Proposal.from_dict(entry["proposal"]))
+        self.strategy.tell(entry["origin"], result)
+        wall = time.time() - self.started.get(trial_id, time.time())
+        if error:
+            self.awaiting_error[trial_id] = (entry, wall)
+        else:
+            self.store.append(self._row(entry, result, report or {}, wall))
+        self.save_state()
+        self.progress()
+
+    def recovering(self, trial_id: str, node: str, step: int | None) -> None:
+        """A running trial failed (e.g. its node was lost) and will be retried."""
+        entry = self.live.get(trial_id)
+        where = f"from its checkpoint at step {step}" if step else "from the start"
+        self.display.say(f"trial {entry['index'] if entry else trial_id} failed on node "
+                         f"{node} (lost node or crashed process): retrying it {where}; "
+                         f"details in {self.out / RAY_LOG_FILE}")
+
+    def errored(self, trial_id: str, message: str) -> None:
+        entry, wall = self.awaiting_error.pop(trial_id)
+        self.store.append(self._row(entry, Result("failed", error=message), {}, wall))
+        self.progress()
+
+    def _row(self, entry: dict, result: Result, report: dict, wall: float) -> dict:
+        cand, m = result.candidate, result.metrics
+        search = self.budgets.search
+        status = "stopped" if result.status == "ok" and m.get("stopped") else result.status
+        return {
+            "experiment_id": self.experiment_id, "trial_id": entry["origin"],
+            "trial_index": entry["index"], "stage": self.stage,
+            "strategy": self.spec.strategy, "task": entry["proposal"]["task"],
+            "model": self.spec.model, "dataset": self.spec.dataset,
+            "budget": self.spec.budget, "budget_kind": self.budgets.target.kind,
+            "budget_value": self.budgets.target.value, "proxy_budget": budget_text(search),
+            "candidate": cand.to_json() if cand else None,
+            "width": cand.width if cand else None,
+            "c_size": self.space.c_size(cand) if cand else None,
+            "bitops": self.space.bitops(cand) if cand else None,
+            "budget_ratio": (self.space.cost(cand, search.kind) / search.value
+                             if cand else None),
+            "val_acc": result.val_acc, "test_acc": m.get("test_acc"),
+            "train_seconds": m.get("train_seconds"), "wall_seconds": wall,
+            "node": report.get("node"), "status": status, "error": result.error,
+            "seed": self.spec.seed + int(entry["proposal"]["params"].get("seed_offset", 0)),
+            "spec_hash": self.spec.hash(), "metrics": m, "finished_at": time.time(),
+        }
+
+    def save_state(self) -> None:
+        self.state_file.save({
+            "strategy": self.strategy.state_dict(), "next_index": self.next_index,
+            "live": {e["origin"]: {"index": e["index"], "proposal": e["proposal"]}
+                     for e in list(self.live.values())}
+            | {origin: e for origin, e in self.replay},
+            "checkpoints": self.checkpoints})
+
+    # ----- what the stage has produced
+    def rows(self) -> list[dict]:
+        return [r for r in self.store.rows if r["stage"] == self.stage]
+
+    def best(self) -> dict | None:
+        return best_row(self.rows())
+
+    def snapshot(self) -> Snapshot:
+        rows = self.rows()
+        failed = sum(r["status"] not in ("ok", "stopped") for r in rows)
+        best = self.best()
+        elapsed = time.time() - self.t0
+        limit = self.strategy.expected_trials() or 0
+        here = len(rows) - self.finished_before
+        eta = elapsed / here * (limit - len(rows)) if here > 0 and limit > len(rows) else None
+        return Snapshot(len(rows) - failed, len(self.live), failed,
+                        best["val_acc"] if best else None, best["c_size"] if best else None,
+                        elapsed, eta)
+
+    def progress(self) -> None:
+        self.display.progress(self.snapshot())
+
+    def tick(self) -> None:
+        """Called often while trials run: repeat the progress update when one is due."""
+        if self.display.due():
+            self.display.progress(self.snapshot(), heartbeat=True)
+
+
+def execute(runner: Runner, num_samples: int, run_name: str) -> None:
+    """Run up to ``num_samples`` trials of ``runner``: Ray Tune, or inline."""
+    if runner.inline:
+        return execute_inline(runner, num_samples)
+    from qsearch import ray_tune
+
+    ray_tune.fit(runner, num_samples, run_name)
+
+
+def connect(runner: Runner) -> None:
+    """Start or join Ray for ``runner`` (nothing to do inline)."""
+    if not runner.inline:
+        from qsearch import ray_tune
+
+        ray_tune.init_ray(runner.spec.address, runner.out)
+        ray_tune.check_resources(runner.spec.cpus_per_trial, runner.spec.gpus_per_trial)
+
+
+def execute_inline(runner: Runner, num_samples: int) -> None:
+    """Trials one after the other in this process, without Ray (debugging, tests): the
+    same runner calls and trial code as under Ray Tune, no checkpoints, no retries."""
+    from qsearch.trial import run_trial, scalar_metrics
+
+    for i in range(num_samples):
+        trial_id = f"inline_{runner.next_index:05d}_{i}"
+        config = runner.suggest(trial_id)
+        if config is None or config == FINISHED:
+            return
+        runner.started_trial(trial_id)
+
+        def report(metrics: dict, state_fn=None, trial_id=trial_id) -> bool:
+            runner.tick()
+            return runner.on_result(trial_id, {**scalar_metrics(metrics), "final": False})
+
+        try:
+            final = run_trial(config, report=report, restored=None)
+        except Exception as e:  # noqa: BLE001 - stored as the trial's error, like Ray does
+            runner.complete(trial_id, None, error=True)
+            runner.errored(trial_id, f"{type(e).__name__}: {e}"[:500])
+            continue
+        runner.complete(trial_id, final, error=False)

@@ -1,0 +1,90 @@
+"""One trial, Ray-free: run a proposal's task in this process and describe its outcome as a
+*report*, the plain dict the runner stores. The Ray adapter (:mod:`qsearch.ray_tune`) wraps
+:func:`run_trial` in a Tune function trainable; :func:`qsearch.runner.execute_inline` calls it
+directly.
+
+Reports: every evaluation sends an intermediate report (``final: False``, scalar metrics,
+optionally a checkpointable state); the task's result is one last report with ``final: True``.
+A trial whose process ended before that (a scheduler stopped it) is known by its last
+intermediate report only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from qsearch.budget import parse_budget
+from qsearch.candidate import Candidate
+from qsearch.spec import Spec, space_from_spec
+from qsearch.strategy import Proposal, Result
+
+# report(metrics, state_fn) -> True when the trial should stop (see TaskContext.report)
+ReportFn = Callable[[dict, Callable[[], dict] | None], bool]
+
+
+def run_trial(config: dict[str, Any], *, report: ReportFn, restored: dict | None,
+              node: str = "local", checkpoint_every_s: float | None = None) -> dict:
+    """Run the task of ``config["proposal"]`` (a runner trial config) and return the final
+    report. ``restored`` is the last checkpointed state of this trial, if any; with
+    ``checkpoint_every_s`` training also reports a state between evaluations."""
+    import torch
+
+    from qsearch.tasks import TaskContext, get_task
+    from qsearch.train import set_threads
+
+    start = time.perf_counter()
+    spec = Spec.from_dict(config["spec"])
+    set_threads(max(1, int(spec.cpus_per_trial)))
+    proposal = Proposal.from_dict(config["proposal"])
+    use_gpu = spec.gpus_per_trial > 0 and torch.cuda.is_available()
+    ctx = TaskContext(space=space_from_spec(spec), proposal=proposal,
+                      budget=parse_budget(config["budget"]),
+                      train=dict(config.get("train") or spec.train), data=dict(spec.data),
+                      seed=spec.seed + int(config.get("seed_offset", 0)),
+                      device="cuda" if use_gpu else "cpu", report=report, restored=restored,
+                      trials_per_node=int((os.cpu_count() or 1) // spec.cpus_per_trial),
+                      checkpoint_every_s=checkpoint_every_s)
+    result = get_task(proposal.task)(ctx)
+    return final_report(result, node=node, seconds=time.perf_counter() - start)
+
+
+def scalar_metrics(metrics: dict) -> dict:
+    """The metrics an intermediate report carries: scalars and strings only."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
+
+
+def final_report(result: Result, *, node: str, seconds: float) -> dict:
+    return {
+        "final": True, "status": result.status,
+        "val_acc": float("nan") if result.val_acc is None else float(result.val_acc),
+        "candidate": result.candidate.to_json() if result.candidate else "",
+        "metrics_json": json.dumps(result.metrics, default=float),
+        "error": result.error or "", "node": node, "task_wall_seconds": seconds,
+    }
+
+
+def result_from_report(report: dict | None, error: bool,
+                       proposal: Proposal | None = None) -> Result:
+    """The :class:`Result` a trial's last report describes.
+
+    A final report gives the task's result (a non-finite accuracy with status ok counts as
+    diverged). An intermediate one means the trial was ended from outside after that
+    evaluation: status ``stopped``, its accuracy and step so far, the proposed candidate.
+    """
+    if error or not report:
+        return Result("failed", error="trial raised")
+    if not report.get("final"):
+        metrics = {k: v for k, v in report.items() if k in ("step", "epoch", "val_loss")}
+        acc = report.get("val_acc")
+        return Result("stopped", float("nan") if acc is None else float(acc),
+                      proposal.candidate if proposal else None, {**metrics, "stopped": True})
+    cand = Candidate.from_json(report["candidate"]) if report.get("candidate") else None
+    acc = float(report["val_acc"])
+    status = report["status"] if math.isfinite(acc) or report["status"] != "ok" else "diverged"
+    return Result(status, acc, cand, json.loads(report["metrics_json"]),
+                  report.get("error") or None)

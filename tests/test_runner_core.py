@@ -1,0 +1,168 @@
+"""The Ray-free runner core: planning, the final stage, console output, and the runner driven
+inline (same runner calls and trial code as under Ray Tune) and under a real local Ray for
+the stop protocol."""
+
+import io
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from qsearch import QSearchError
+from qsearch.budget import parse_budget
+from qsearch.console import Display, Snapshot, status_text
+from qsearch.experiment import resume_experiment, run_experiment
+from qsearch.final import best_row, seed_summary
+from qsearch.planning import budget_text, plan_budgets
+from qsearch.runner import Runner, execute
+from qsearch.spec import Spec, space_from_spec
+from qsearch.store import ResultsStore
+
+TINY = dict(model="resnet20", dataset="synthetic", budget="6KB", seed=0,
+            train={"steps": 12, "batch_size": 32, "eval_every_steps": 4})
+
+
+def spec(tmp_path, **over) -> Spec:
+    return Spec(**{**TINY, "out": str(tmp_path / "exp"), "strategy": "uniform",
+                   "strategy_kwargs": {"bits": [2, 8]}, "trials": 2, **over})
+
+
+# ----- planning ---------------------------------------------------------------------------
+def test_auto_proxy_for_large_targets_and_none_for_small(tmp_path):
+    s = spec(tmp_path, budget="1MB")
+    b = plan_budgets(s, space_from_spec(s))
+    assert b.target == parse_budget("1MB") and b.search.value < b.target.value and b.reason
+    small = spec(tmp_path)
+    assert plan_budgets(small, space_from_spec(small)).reason is None
+
+
+def test_explicit_proxy_must_be_smaller_and_of_the_same_kind(tmp_path):
+    for proxy, words in (("64KB", "exceeds the target"), ("1GBitOPs", "one kind")):
+        s = spec(tmp_path, proxy_budget=proxy)
+        with pytest.raises(QSearchError, match=words):
+            plan_budgets(s, space_from_spec(s))
+
+
+def test_budget_text_reads_back_exactly():
+    b = parse_budget("12.345KB")
+    assert parse_budget(budget_text(b)) == b
+
+
+# ----- final stage ------------------------------------------------------------------------
+def test_best_row_skips_failed_stopped_and_nan():
+    rows = [{"status": "ok", "candidate": "c", "val_acc": 0.5},
+            {"status": "stopped", "candidate": "c", "val_acc": 0.9},
+            {"status": "ok", "candidate": "c", "val_acc": float("nan")},
+            {"status": "failed", "candidate": None, "val_acc": None}]
+    assert best_row(rows) is rows[0] and best_row(rows[1:]) is None
+
+
+def test_seed_summary_mean_and_sample_std():
+    rows = [{"status": "ok", "test_acc": a} for a in (0.5, 0.7)]
+    s = seed_summary(rows + [{"status": "failed", "test_acc": None}])
+    assert s["n"] == 2 and s["test_acc_mean"] == pytest.approx(0.6)
+    assert s["test_acc_std"] == pytest.approx(0.1414, abs=1e-4)
+    assert seed_summary([]) is None
+
+
+# ----- console ----------------------------------------------------------------------------
+def snap(done=0, running=1, best=None, elapsed=1.0, eta=None):
+    return Snapshot(done, running, 0, best, 46000.0 if best else None, elapsed, eta)
+
+
+def test_plain_progress_prints_changes_and_heartbeats_never_the_same_line_twice():
+    out = io.StringIO()
+    d = Display(stream=out, live=False)
+    d.progress(snap(elapsed=1.0))
+    d.progress(snap(elapsed=1.02))  # same state, a second trial-start event: not repeated
+    d.progress(snap(elapsed=1.03), heartbeat=True)  # same text at 0.1 s: not repeated
+    d.progress(snap(elapsed=2.5), heartbeat=True)  # a heartbeat, later
+    d.progress(snap(done=1, running=0, best=0.5, elapsed=2.6, eta=10.0))
+    lines = [ln.split("] ", 1)[1] for ln in out.getvalue().splitlines()]
+    assert len(lines) == 3 and len(set(lines)) == 3
+    assert "elapsed 0m02.5s" in lines[1]
+    assert "best val 50.00%" in lines[2] and "ETA 0m10.0s" in lines[2]
+
+
+def test_status_text_without_limit_has_no_eta():
+    assert "ETA" not in status_text(snap()) and "best val -" in status_text(snap())
+
+
+# ----- the runner, inline -----------------------------------------------------------------
+def test_inline_run_stores_rows_writes_final_and_resumes_with_nothing_left(tmp_path):
+    out = io.StringIO()
+    runner = run_experiment(spec(tmp_path), inline=True, display=Display(stream=out, live=False))
+    rows = runner.rows()
+    assert len(rows) == 2 and {r["status"] for r in rows} == {"ok"}
+    assert sorted(json.loads(r["candidate"])["w_bits"][1] for r in rows) == [2, 8]
+    final = json.loads((runner.out / "final.json").read_text())
+    assert final["budget_ratio"] <= 1.0 and "best:" in out.getvalue()
+    again = resume_experiment(runner.out, inline=True, display=Display(stream=io.StringIO()))
+    assert len(again.rows()) == 2  # nothing re-run
+
+
+class StopAtFirstReport:
+    """Wraps a strategy: every trial is asked to stop at its first intermediate report."""
+
+    def __init__(self, inner):
+        self.inner, self.asked = inner, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def should_stop(self, trial_id, metrics):
+        self.asked.append((trial_id, metrics["step"]))
+        return True
+
+
+def test_inline_stop_request_ends_the_trial_at_that_evaluation(tmp_path):
+    s = spec(tmp_path, trials=1)
+    (tmp_path / "exp").mkdir()
+    base = Runner(s, tmp_path / "exp", inline=True, display=Display(stream=io.StringIO()))
+    runner = Runner(s, tmp_path / "exp", inline=True, strategy=StopAtFirstReport(base.strategy),
+                    display=Display(stream=io.StringIO()))
+    execute(runner, 1, "stop")
+    (row,) = ResultsStore(tmp_path / "exp").rows
+    assert row["status"] == "stopped" and json.loads(row["metrics"])["steps"] == 4
+    assert runner.strategy.asked == [(row["trial_id"], 4)]
+
+
+RAY_STOP = textwrap.dedent("""
+    import io, json, sys
+    from pathlib import Path
+    from qsearch.console import Display
+    from qsearch.runner import Runner, connect, execute
+    from qsearch.spec import Spec
+    from qsearch.store import ResultsStore
+
+    class Stopper:
+        def __init__(self, inner):
+            self.inner = inner
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+        def should_stop(self, trial_id, metrics):
+            return True
+
+    out = Path(sys.argv[1])
+    out.mkdir()
+    spec = Spec(**json.loads(sys.argv[2]))
+    quiet = Display(stream=io.StringIO())
+    inner = Runner(spec, out, display=quiet).strategy
+    runner = Runner(spec, out, strategy=Stopper(inner), display=quiet)
+    connect(runner)
+    execute(runner, 1, "stop")
+    (row,) = ResultsStore(out).rows
+    print(json.dumps({"status": row["status"], "steps": json.loads(row["metrics"])["steps"]}))
+""")
+
+
+def test_stop_request_reaches_a_ray_tune_trial(tmp_path):
+    s = spec(tmp_path, trials=1, train={"steps": 40, "batch_size": 32, "eval_every_steps": 4})
+    r = subprocess.run([sys.executable, "-c", RAY_STOP, str(tmp_path / "exp"),
+                        json.dumps(s.to_dict())], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    # the stop is read after the next report at the latest: step 4 or 8 of 40
+    assert got["status"] == "stopped" and got["steps"] in (4, 8)
