@@ -7,7 +7,14 @@ retrains aggregated over seeds, the final candidate's costs, and what the search
 Only *matched-size* entries are ranked. A model well under the budget is not comparable to one
 that fills it (DualPrecision compares strategies at equal C_size, Eq. 6), so an entry whose cost
 (C_size for a size budget, BitOPs for a BitOPs budget) lies outside ``tolerance`` x budget is
-listed but flagged, as is an entry with no final retrain.
+listed but flagged, as is an entry with no final retrain or with fewer than two final seeds.
+
+Ranks say when they cannot decide: each entry is tested against the best of its budget group
+(a paired t-test on the per-seed differences when both ran the same seeds, pairing removing
+the shared seed noise; else Welch's t-test), and those not distinguishable at ``ALPHA`` share
+rank 1 (shown ``=1``). Accuracies carry a Student t 95% interval over the final seeds, and the
+difference to the same budget's ``uniform`` entry carries the paired (or Welch) interval.
+scipy is imported only when a leaderboard is built.
 """
 
 from __future__ import annotations
@@ -33,14 +40,19 @@ from qsearch.store import ResultsStore
 
 FORMATS = ("table", "md", "csv", "json")
 EPS = 1e-9  # float slack on the tolerance bounds
+ALPHA = 0.05  # significance level of the rank tests; intervals are 1 - ALPHA
+PAIRED, WELCH = "paired t-test", "Welch's t-test"
 
 # Fields of an entry that the csv and json formats export (raw values, not display strings).
 FIELDS = ("rank", "strategy", "model", "dataset", "budget", "budget_kind", "budget_value",
           "c_size", "bitops", "budget_ratio", "matched", "test_acc_mean", "test_acc_std",
-          "n_seeds", "search_val_acc", "trials", "cpu_hours", "wall_seconds", "bits", "note",
+          "n_seeds", "ci_low", "ci_high", "rank_shared", "rank_test", "p_vs_best",
+          "vs_uniform", "vs_uniform_low", "vs_uniform_high", "vs_uniform_test",
+          "search_val_acc", "trials", "cpu_hours", "wall_seconds", "bits", "note",
           "experiment", "dir")
 COLUMNS = ("rank", "strategy", "model", "budget", "C_size", "ratio", "BitOPs",
-           "test acc mean ± std (n)", "search val", "trials", "CPU-h", "wall", "bits", "note")
+           "test acc mean ± std (n)", "95% CI", "vs best", "Δ uniform [95% CI]",
+           "search val", "trials", "CPU-h", "wall", "bits", "note")
 _LEFT = {"strategy", "model", "bits", "note"}  # other columns are right-aligned
 
 
@@ -101,15 +113,18 @@ def leaderboard(df: pd.DataFrame, *,
     entries = [_entry(rows, lo, hi) for _, rows in df.groupby(key, sort=False)]
     ranked: dict[tuple, list[dict]] = defaultdict(list)
     for e in entries:
-        if e["matched"] and e["n_seeds"]:
+        e["ci_low"], e["ci_high"] = _interval(e["final_accs"])
+        if e["matched"] and e["n_seeds"] >= 2:
             ranked[(e["model"], e["dataset"], e["budget_kind"], e["budget_value"])].append(e)
+        elif e["matched"] and e["n_seeds"]:
+            e["note"] = "n<2: not ranked"
     for group in ranked.values():
-        group.sort(key=lambda e: (-e["test_acc_mean"], e["strategy"]))
-        for i, e in enumerate(group, 1):
-            e["rank"] = i
+        _rank(group)
+        _vs_uniform(group)
     return sorted(entries, key=lambda e: (
         e["model"], e["dataset"], e["budget_kind"], e["budget_value"],
-        e["rank"] is None, e["rank"] or 0, e["strategy"], e["experiment"]))
+        e["rank"] is None, e["rank"] or 0, -(e["test_acc_mean"] or 0.0), e["strategy"],
+        e["experiment"]))
 
 
 def _entry(rows: pd.DataFrame, lo: float, hi: float) -> dict[str, Any]:
@@ -118,6 +133,7 @@ def _entry(rows: pd.DataFrame, lo: float, hi: float) -> dict[str, Any]:
     search, final = rows[rows["stage"] == "search"], rows[rows["stage"] == "final"]
     ok = final[(final["status"] == "ok") & np.isfinite(_num(final["test_acc"]))]
     accs = _num(ok["test_acc"]).to_numpy()
+    seeds = _num(ok["seed"]).tolist() if "seed" in ok.columns else []
 
     best = _best_search(search)
     found = _final_candidate(ok if len(ok) else final, first.get("experiment_dir"), best)
@@ -147,7 +163,12 @@ def _entry(rows: pd.DataFrame, lo: float, hi: float) -> dict[str, Any]:
         "budget_ratio": ratio, "matched": bool(matched),
         "test_acc_mean": float(accs.mean()) if len(accs) else None,
         "test_acc_std": float(accs.std(ddof=1)) if len(accs) > 1 else 0.0 if len(accs) else None,
-        "n_seeds": len(accs),
+        "n_seeds": len(accs), "final_accs": accs.tolist(),
+        # accuracy by retrain seed, for paired tests; None where seeds are missing or repeat
+        "final_by_seed": (dict(zip(seeds, accs.tolist())) if len(set(seeds)) == len(accs)
+                          and not any(map(math.isnan, seeds)) else None),
+        "rank_shared": False, "rank_test": None, "p_vs_best": None, "vs_uniform": None,
+        "vs_uniform_low": None, "vs_uniform_high": None, "vs_uniform_test": None,
         "search_val_acc": float(best["val_acc"]) if best is not None else None,
         "trials": len(search), "cpu_hours": float(wall.sum()) * cpus / 3600,
         "wall_seconds": _busy_seconds(done - wall, done),
@@ -157,6 +178,65 @@ def _entry(rows: pd.DataFrame, lo: float, hi: float) -> dict[str, Any]:
         "w_bits": w_bits, "candidate_source": source,
         "layers": [l.name for l in space.layers] if space else None,
     }
+
+
+# ----- statistics over final seeds ----------------------------------------------------------
+def _interval(accs: Sequence[float]) -> tuple[float | None, float | None]:
+    """Student t interval (1 - ALPHA) of the mean of ``accs``; (None, None) below two seeds."""
+    n = len(accs)
+    if n < 2:
+        return None, None
+    from scipy import stats
+
+    mean, sd = float(np.mean(accs)), float(np.std(accs, ddof=1))
+    half = float(stats.t.ppf(1 - ALPHA / 2, n - 1)) * sd / math.sqrt(n)
+    return mean - half, mean + half
+
+
+def _compare(a: dict[str, Any], b: dict[str, Any]) -> tuple[str, Any]:
+    """(test name, scipy TtestResult) for a - b: paired on the per-seed differences when both
+    ran the same seeds (the shared seed noise cancels), else Welch's unequal-variance test."""
+    import warnings
+
+    from scipy import stats
+
+    sa, sb = a["final_by_seed"], b["final_by_seed"]
+    with warnings.catch_warnings():  # near-constant samples: scipy warns, the result stands
+        warnings.simplefilter("ignore", RuntimeWarning)
+        if sa is not None and sb is not None and set(sa) == set(sb):
+            order = sorted(sa)
+            return PAIRED, stats.ttest_rel([sa[k] for k in order], [sb[k] for k in order])
+        return WELCH, stats.ttest_ind(a["final_accs"], b["final_accs"], equal_var=False)
+
+
+def _rank(group: list[dict[str, Any]]) -> None:
+    """Rank one budget group: entries not distinguishable from the best (p >= ALPHA, or
+    identical samples) share rank 1; the others take the next ranks by mean accuracy."""
+    group.sort(key=lambda e: (-e["test_acc_mean"], e["strategy"]))
+    best, tied, below = group[0], [group[0]], []
+    for e in group[1:]:
+        e["rank_test"], res = _compare(best, e)
+        p = float(res.pvalue)
+        e["p_vs_best"] = p if math.isfinite(p) else None
+        same = e["test_acc_mean"] == best["test_acc_mean"]
+        (tied if (p >= ALPHA if math.isfinite(p) else same) else below).append(e)
+    for e in tied:
+        e["rank"], e["rank_shared"] = 1, len(tied) > 1
+    for i, e in enumerate(below, len(tied) + 1):
+        e["rank"] = i
+
+
+def _vs_uniform(group: list[dict[str, Any]]) -> None:
+    """Difference to the group's ``uniform`` entry (the best one if several), with its
+    (1 - ALPHA) interval from the same test the ranking would use."""
+    ref = next((e for e in group if e["strategy"] == "uniform"), None)
+    for e in group:
+        if ref is None or e is ref:
+            continue
+        e["vs_uniform_test"], res = _compare(e, ref)
+        ci = res.confidence_interval(1 - ALPHA)
+        e["vs_uniform"] = e["test_acc_mean"] - ref["test_acc_mean"]
+        e["vs_uniform_low"], e["vs_uniform_high"] = _float(ci.low), _float(ci.high)
 
 
 def _busy_seconds(starts: pd.Series, ends: pd.Series) -> float | None:
@@ -246,16 +326,59 @@ def display_rows(entries: Sequence[dict[str, Any]]) -> tuple[list[str], list[lis
         acc = (f"{e['test_acc_mean']:.2%} ± {e['test_acc_std']:.2%} ({e['n_seeds']})"
                if e["n_seeds"] else "-")
         rows.append([
-            str(e["rank"] or "-"), e["strategy"], f"{e['model']}/{e['dataset']}",
+            "-" if e["rank"] is None else f"{'=' if e['rank_shared'] else ''}{e['rank']}",
+            e["strategy"], f"{e['model']}/{e['dataset']}",
             format_cost(e["budget_value"], kind),
             format_cost(e["c_size"], "size") if e["c_size"] is not None else "-",
             f"{e['budget_ratio']:.2%}" if e["budget_ratio"] is not None else "-",
             format_cost(e["bitops"], "bitops") if e["bitops"] is not None else "-",
-            acc,
+            acc, _pct_interval(e["ci_low"], e["ci_high"]), _vs_best(e), _vs_uniform_text(e),
             f"{e['search_val_acc']:.2%}" if e["search_val_acc"] is not None else "-",
             str(e["trials"]), f"{e['cpu_hours']:.2f}", _duration(e["wall_seconds"]),
             e["bits"], e["note"]])
     return list(COLUMNS), rows
+
+
+def _pct_interval(lo: float | None, hi: float | None, sign: str = "") -> str:
+    return "-" if lo is None or hi is None else f"[{lo * 100:{sign}.2f}, {hi * 100:{sign}.2f}]"
+
+
+def _vs_best(e: dict[str, Any]) -> str:
+    if e["rank"] is None:
+        return "-"
+    if e["rank_test"] is None:
+        return "best"
+    p = e["p_vs_best"]
+    name = "paired" if e["rank_test"] == PAIRED else "Welch"
+    return f"{name} p{'=n/a' if p is None else '<0.001' if p < 0.001 else f'={p:.3f}'}"
+
+
+def _vs_uniform_text(e: dict[str, Any]) -> str:
+    if e["vs_uniform"] is None:
+        return "ref" if e["strategy"] == "uniform" and e["rank"] is not None else "-"
+    ci = _pct_interval(e["vs_uniform_low"], e["vs_uniform_high"], "+")
+    return f"{e['vs_uniform'] * 100:+.2f} {'[n/a]' if ci == '-' else ci}"
+
+
+def footnotes(entries: Sequence[dict[str, Any]]) -> list[str]:
+    """Lines under the table that name the tests behind the ranks and intervals."""
+    def used(key: str, which: Iterable[dict[str, Any]]) -> str:
+        names = sorted({e[key] for e in which if e[key]}, reverse=True)
+        return " / ".join(n + (" on shared seeds" if n == PAIRED else "") for n in names)
+    lines = []
+    shared = [e for e in entries if e["rank_shared"] and e["rank_test"]]
+    if shared:
+        lines.append(f"=1: not distinguishable from the best at the same budget "
+                     f"({used('rank_test', shared)}, p >= {ALPHA})")
+    if any(e["rank_test"] for e in entries):
+        lines.append(f"vs best: {used('rank_test', entries)} against the best entry of the "
+                     f"budget, alpha {ALPHA}; entries below it take the next ranks")
+    if any(e["ci_low"] is not None for e in entries):
+        lines.append("95% CI: Student t interval of the mean test accuracy over final seeds (%)")
+    if any(e["vs_uniform_test"] for e in entries):
+        lines.append("Δ uniform: test accuracy minus the uniform entry of the same budget, in "
+                     f"points, with its 95% CI ({used('vs_uniform_test', entries)})")
+    return lines
 
 
 def format_leaderboard(entries: Sequence[dict[str, Any]], fmt: str = "table") -> str:
@@ -281,12 +404,15 @@ def format_leaderboard(entries: Sequence[dict[str, Any]], fmt: str = "table") ->
         def line(cells: Sequence[str]) -> str:
             return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
         rule = "|" + "|".join("---" if h in _LEFT else "---:" for h in head) + "|"
-        return "\n".join([line(head), rule, *map(line, rows)]) + "\n"
+        notes = [f"- {n}" for n in footnotes(entries)]
+        return "\n".join([line(head), rule, *map(line, rows), *([""] + notes if notes else [])]
+                         ) + "\n"
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     def pad(cells: Sequence[str]) -> str:
         return "  ".join(c.ljust(w) if h in _LEFT else c.rjust(w)
                          for c, w, h in zip(cells, widths, head)).rstrip()
-    return "\n".join([pad(head), pad(["-" * w for w in widths]), *map(pad, rows)]) + "\n"
+    return "\n".join([pad(head), pad(["-" * w for w in widths]), *map(pad, rows),
+                      *footnotes(entries)]) + "\n"
 
 
 def _duration(seconds: float | None) -> str:

@@ -23,7 +23,7 @@ import pandas as pd
 
 from qsearch.budget import format_cost
 from qsearch.files import SUMMARY_FILE
-from qsearch.leaderboard import display_rows, leaderboard, load_experiments
+from qsearch.leaderboard import display_rows, footnotes, leaderboard, load_experiments
 from qsearch.planning import check_writable
 
 _STYLE = """
@@ -101,7 +101,8 @@ def _leaderboard_html(entries: Sequence[dict[str, Any]]) -> str:
     for e, row in zip(entries, rows):
         cells = "".join(cell("td", h, c) for h, c in zip(head, row))
         out.append(f"<tr{' class=flag' if e['rank'] is None else ''}>{cells}</tr>")
-    return "\n".join(out) + "</table></div>"
+    notes = "".join(f"<div class=cap>{_esc(n)}</div>" for n in footnotes(entries))
+    return "\n".join(out) + "</table></div>" + notes
 
 
 # ----- figures: each returns (Figure, caption) or None -------------------------------------
@@ -113,7 +114,7 @@ def _pareto(entries: Sequence[dict[str, Any]], colors: dict) -> tuple[Any, str] 
     final = [e for e in entries if e["n_seeds"] and e["c_size"]]
     if final:
         points, key = final, "test_acc_mean"
-        label = "test accuracy (final retrain, mean ± std over seeds)"
+        label = "test accuracy (final retrain, mean and 95% CI over seeds)"
     else:
         points = [e for e in entries if e["search_val_acc"] is not None and e["c_size"]]
         key, label = "search_val_acc", "search validation accuracy (no final retrain)"
@@ -128,9 +129,10 @@ def _pareto(entries: Sequence[dict[str, Any]], colors: dict) -> tuple[Any, str] 
         y = np.array([e[key] for e in series])
         c = colors[strategy]
         ax.plot(x, y, "-", color=c, label=strategy, alpha=0.7)
-        if final:
-            ax.errorbar(x, y, yerr=[e["test_acc_std"] for e in series], fmt="none",
-                        ecolor=c, capsize=3)
+        if final:  # Student t 95% intervals; entries with one seed have none
+            yerr = np.array([[e[key] - e["ci_low"], e["ci_high"] - e[key]]
+                             if e["ci_low"] is not None else [np.nan, np.nan] for e in series])
+            ax.errorbar(x, y, yerr=yerr.T, fmt="none", ecolor=c, capsize=3)
         matched = np.array([e["matched"] for e in series], bool)
         ax.scatter(x[matched], y[matched], color=c, zorder=3)
         ax.scatter(x[~matched], y[~matched], facecolors="white", edgecolors=c, zorder=3)

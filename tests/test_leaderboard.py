@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,8 @@ from qsearch.budget import parse_budget
 from qsearch.candidate import Candidate, bit_summary
 from qsearch.leaderboard import (
     FORMATS,
+    PAIRED,
+    WELCH,
     format_leaderboard,
     leaderboard,
     load_experiments,
@@ -46,8 +49,9 @@ def bits(free: list[int]) -> list[int]:
 
 def make_experiment(root: Path, strategy: str, budget: str, free: list[int] | None,
                     ratio: float = 1.0, accs: list[float] = (), *, trials: int = 4,
-                    cpus: float = 2.0) -> Path:
-    """One experiment directory: spec.json, search rows, final rows (one per seed)."""
+                    cpus: float = 2.0, first_seed: int = 0) -> Path:
+    """One experiment directory: spec.json, search rows, final rows (one per seed, from
+    ``first_seed``)."""
     d = root / f"{strategy}-{budget}"
     d.mkdir(parents=True)
     spec = {"strategy": strategy, "budget": budget, "model": "resnet20",
@@ -66,7 +70,7 @@ def make_experiment(root: Path, strategy: str, budget: str, free: list[int] | No
                       "val_acc": 0.7 + 0.05 * (i % 3) + SEARCH_OFFSET.get(strategy, 0.0),
                       "wall_seconds": 100.0 + i,
                       "finished_at": 1000.0 + 200 * i, "seed": 0})
-    for seed, acc in enumerate(accs):
+    for seed, acc in enumerate(accs, first_seed):
         store.append({**common, "trial_id": f"f{seed}", "trial_index": seed, "stage": "final",
                       "candidate": cand, "c_size": ratio * b.value, "bitops": 2e8,
                       "val_acc": acc - 0.01, "test_acc": acc, "wall_seconds": 500.0,
@@ -206,3 +210,116 @@ def test_wall_time_is_the_union_of_trial_intervals():
     starts, ends = pd.Series([0.0, 5.0, 20.0, 21.0]), pd.Series([10.0, 15.0, 30.0, 25.0])
     assert _busy_seconds(starts, ends) == pytest.approx(15 + 10)  # [0, 15] and [20, 30]
     assert _busy_seconds(pd.Series([float("nan")]), pd.Series([1.0])) is None
+
+
+# ----- ranks that say when they cannot decide -------------------------------------------
+A = [0.900, 0.912, 0.891, 0.905]
+B = [0.896, 0.9072, 0.8868, 0.9013]  # A minus ~0.4 points on every seed, seed noise shared
+
+
+def rows_of(text: str) -> dict[str, list[str]]:
+    """Table rows by strategy, split on the two-space column gaps."""
+    return {r.split()[1]: [c.strip() for c in r.split("  ") if c.strip()]
+            for r in text.splitlines()[2:] if re.fullmatch(r"=?\d+|-", r.split()[0])}
+
+
+def test_paired_test_separates_a_constant_offset_welch_cannot(tmp_path):
+    from scipy import stats
+
+    assert stats.ttest_ind(A, B, equal_var=False).pvalue > 0.5  # the seed spread hides it
+    assert stats.ttest_rel(A, B).pvalue < 0.001                 # the per-seed gap does not
+    paired = leaderboard(load_experiments([make_experiment(tmp_path / "p", s, "32KB", None, 1.0, a)
+                                           for s, a in (("tpe", A), ("random", B))]))
+    assert [(e["strategy"], e["rank"], e["rank_shared"]) for e in paired] == [
+        ("tpe", 1, False), ("random", 2, False)]
+    assert paired[1]["rank_test"] == PAIRED and paired[1]["p_vs_best"] < 0.001
+    text = format_leaderboard(paired)
+    assert "paired p<0.001" in rows_of(text)["random"]
+    assert "vs best: paired t-test on shared seeds" in text and "=1" not in text
+
+    # the same accuracies on different seeds cannot be paired: Welch, and they share rank 1
+    welch = leaderboard(load_experiments([
+        make_experiment(tmp_path / "w", "tpe", "32KB", None, 1.0, A),
+        make_experiment(tmp_path / "w", "random", "32KB", None, 1.0, B, first_seed=10)]))
+    assert [(e["strategy"], e["rank"], e["rank_shared"]) for e in welch] == [
+        ("tpe", 1, True), ("random", 1, True)]
+    assert welch[1]["rank_test"] == WELCH and welch[1]["p_vs_best"] > 0.5
+    text = format_leaderboard(welch)
+    assert [rows_of(text)[s][0] for s in ("tpe", "random")] == ["=1", "=1"]
+    assert ("=1: not distinguishable from the best at the same budget (Welch's t-test, "
+            "p >= 0.05)") in text
+
+
+def test_overlapping_noisy_entries_share_rank_one(tmp_path):
+    plan = {"tpe": [0.90, 0.88, 0.91], "random": [0.89, 0.91, 0.885],
+            "haq": [0.80, 0.81, 0.79]}
+    entries = leaderboard(load_experiments(
+        [make_experiment(tmp_path, s, "32KB", None, 1.0, a) for s, a in plan.items()]))
+    assert {e["strategy"]: (e["rank"], e["rank_shared"]) for e in entries} == {
+        "tpe": (1, True), "random": (1, True), "haq": (3, False)}
+    assert find(entries, "random", "32KB")["p_vs_best"] > 0.5
+    assert find(entries, "haq", "32KB")["p_vs_best"] < 0.05
+    text = format_leaderboard(entries)
+    assert [rows_of(text)[s][0] for s in ("tpe", "random", "haq")] == ["=1", "=1", "3"]
+    assert "(paired t-test on shared seeds, p >= 0.05)" in text
+    assert "- =1: not distinguishable" in format_leaderboard(entries, "md")
+
+
+def test_one_seed_is_shown_not_ranked(tmp_path):
+    entries = leaderboard(load_experiments([
+        make_experiment(tmp_path, "tpe", "32KB", None, 1.0, [0.95]),
+        make_experiment(tmp_path, "random", "32KB", None, 1.0, [0.90, 0.91])]))
+    one = find(entries, "tpe", "32KB")
+    assert one["rank"] is None and one["note"] == "n<2: not ranked"
+    assert one["ci_low"] is None and one["test_acc_mean"] == pytest.approx(0.95)
+    assert find(entries, "random", "32KB")["rank"] == 1  # alone once the n=1 entry is out
+    row = rows_of(format_leaderboard(entries))["tpe"]
+    assert row[0] == "-" and row[-1] == "n<2: not ranked" and "95.00% ± 0.00% (1)" in row
+
+
+def test_entry_interval_is_student_t(entries):
+    from scipy import stats
+
+    accs = PLAN[("uniform", "32KB")][2]
+    half = stats.t.ppf(0.975, 2) * np.std(accs, ddof=1) / np.sqrt(3)
+    e = find(entries, "uniform", "32KB")
+    assert (e["ci_low"], e["ci_high"]) == pytest.approx((np.mean(accs) - half,
+                                                         np.mean(accs) + half))
+
+
+def test_uniform_difference_interval_matches_a_hand_computation(tmp_path, entries):
+    from scipy import stats
+
+    # shared seeds: a one-sample t interval on the per-seed differences
+    d = np.subtract(PLAN[("dualprecision", "32KB")][2], PLAN[("uniform", "32KB")][2])
+    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+    e = find(entries, "dualprecision", "32KB")
+    assert e["vs_uniform_test"] == PAIRED and e["vs_uniform"] == pytest.approx(d.mean())
+    assert (e["vs_uniform_low"], e["vs_uniform_high"]) == pytest.approx(
+        (d.mean() - half, d.mean() + half))
+    assert find(entries, "uniform", "32KB")["vs_uniform"] is None
+
+    # different seeds: Welch's interval with the Welch-Satterthwaite degrees of freedom
+    u, t = [0.880, 0.884, 0.878, 0.885], [0.890, 0.905, 0.897]
+    got = leaderboard(load_experiments([
+        make_experiment(tmp_path, "uniform", "32KB", None, 1.0, u),
+        make_experiment(tmp_path, "tpe", "32KB", None, 1.0, t, first_seed=5)]))
+    va, vb = np.var(t, ddof=1) / len(t), np.var(u, ddof=1) / len(u)
+    df = (va + vb) ** 2 / (va ** 2 / (len(t) - 1) + vb ** 2 / (len(u) - 1))
+    diff, half = np.mean(t) - np.mean(u), stats.t.ppf(0.975, df) * np.sqrt(va + vb)
+    e = find(got, "tpe", "32KB")
+    assert e["vs_uniform_test"] == WELCH
+    assert (e["vs_uniform"], e["vs_uniform_low"], e["vs_uniform_high"]) == pytest.approx(
+        (diff, diff - half, diff + half))
+    row = rows_of(format_leaderboard(got))
+    assert row["tpe"][10] == (f"{diff * 100:+.2f} [{(diff - half) * 100:+.2f}, "
+                              f"{(diff + half) * 100:+.2f}]")
+    assert row["uniform"][10] == "ref"
+
+
+def test_no_uniform_at_the_budget_shows_a_dash(tmp_path):
+    entries = leaderboard(load_experiments([
+        make_experiment(tmp_path, "tpe", "32KB", None, 1.0, [0.90, 0.91]),
+        make_experiment(tmp_path, "uniform", "64KB", None, 1.0, [0.90, 0.91])]))
+    assert all(e["vs_uniform"] is None for e in entries)
+    assert rows_of(format_leaderboard(entries))["tpe"][10] == "-"

@@ -8,9 +8,11 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from qsearch.report import _grid_html, build_report
+from qsearch.leaderboard import leaderboard, load_experiments
+from qsearch.report import _colors, _grid_html, _pareto, build_report
 from tests.test_leaderboard import make_experiment, make_store
 
 
@@ -35,6 +37,21 @@ def test_report_sections(report):
     assert "<h2>Leaderboard</h2>" in text and "<h2>DualPrecision grids</h2>" in text
     assert "depthwise \\ other bits" in text and "<td class=best>90.00%</td>" in text
     assert "class=flag" in text  # the off-size and the unretrained entries
+    assert "<div class=cap>vs best: paired t-test on shared seeds" in text
+    assert "<th>95% CI</th>" in text
+
+
+def test_pareto_error_bars_are_the_95_percent_intervals(tmp_path):
+    dirs = [make_experiment(tmp_path, "tpe", "32KB", None, 1.0, [0.90, 0.92, 0.91]),
+            make_experiment(tmp_path, "random", "32KB", None, 1.0, [0.85])]  # n=1: no bar
+    entries = leaderboard(load_experiments(dirs))
+    fig, caption = _pareto(entries, _colors(["random", "tpe"]))
+    assert "95% CI" in caption
+    spans = sorted(tuple(sorted(seg[:, 1])) for c in fig.axes[0].containers
+                   for coll in c.lines[2] for seg in coll.get_segments()
+                   if len(seg) and np.isfinite(seg).all())
+    e = next(e for e in entries if e["strategy"] == "tpe")
+    assert spans == [pytest.approx((e["ci_low"], e["ci_high"]))]
 
 
 def test_report_falls_back_to_search_accuracy(tmp_path):
