@@ -89,6 +89,7 @@ _RUN_FLAGS = {  # CLI flag -> spec key (flags override the recipe)
     "cpus_per_trial": "cpus_per_trial", "gpus_per_trial": "gpus_per_trial",
     "concurrency": "concurrency", "address": "address", "out": "out", "a_bits": "a_bits",
     "final_seeds": "final_seeds", "max_failures": "max_failures", "name": "name",
+    "time_budget": "time_budget",
     "width_min": "width_min", "width_max": "width_max",
 }
 
@@ -150,7 +151,7 @@ def cmd_run(args) -> None:
             runner = resume_experiment(Path(spec.out))  # a recipe re-run continues
         else:
             runner = run_experiment(spec)
-        if not args.dry_run and runner.best() is None:
+        if not args.dry_run and runner.best() is None and not runner.unfinished():
             failed.append(str(runner.out))
     if failed:
         raise SystemExit(f"qsearch: no trial succeeded in {', '.join(failed)}: see "
@@ -161,7 +162,8 @@ def cmd_resume(args) -> None:
     from qsearch.experiment import RESUME_OVERRIDES, resume_experiment
 
     overrides = {k: getattr(args, k) for k in RESUME_OVERRIDES if getattr(args, k) is not None}
-    if resume_experiment(Path(args.dir), overrides=overrides).best() is None:
+    runner = resume_experiment(Path(args.dir), overrides=overrides)
+    if runner.best() is None and not runner.unfinished():
         raise SystemExit(f"qsearch: no trial succeeded in {args.dir}: see `qsearch results "
                          f"{args.dir}` for the errors")
 
@@ -242,6 +244,34 @@ def cmd_report(args) -> None:
     print(f"report written to {build_report(args.dirs, args.output)}")
 
 
+# ----- qsearch fidelity ----------------------------------------------------------------
+def cmd_fidelity(args) -> None:
+    from qsearch.fidelity import experiment_report
+
+    if args.format not in ("table", "md"):
+        raise QSearchError(f"--format {args.format!r} not known: use table or md")
+    if args.report:
+        given = [f for f in ("budget", "steps", "epochs", "out", "address")
+                 if getattr(args, f) is not None]
+        if given:
+            raise QSearchError(f"--report reads an existing directory; --{given[0]} starts a "
+                               "run: give one or the other")
+        print(experiment_report(args.report, args.format))
+        return
+    from qsearch.experiment import run_experiment
+    from qsearch.fidelity import fidelity_spec
+
+    spec = fidelity_spec(args.budget, candidates=args.candidates, steps=args.steps,
+                         epochs=args.epochs, seeds=args.seeds, batch_size=args.batch_size,
+                         data_root=args.data_root, **{k: getattr(args, k) for k in (
+                             "model", "dataset", "proxy_budget", "seed", "cpus_per_trial",
+                             "gpus_per_trial", "concurrency", "address", "out")})
+
+    runner = run_experiment(spec)
+    print()
+    print(experiment_report(runner.out, args.format))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="qsearch", description="Find the most accurate quantized CNN that fits "
                 "a model-size or BitOPs budget.")
@@ -276,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--concurrency", type=int, help="trials at once (default: CPUs / cpus "
                      "per trial)")
     run.add_argument("--max-failures", type=int, help="retries of a failed trial (default 2)")
+    run.add_argument("--time-budget", help="stop after this long, e.g. 90m; trials cut short "
+                     "continue with `qsearch resume DIR` (which takes --time-budget too)")
     run.add_argument("--address", help="join an existing Ray cluster (host:port)")
     run.add_argument("--out", help="experiment directory (default runs/<strategy>-<time>)")
     run.add_argument("--name", help="experiment id (default: the directory name)")
@@ -292,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--gpus-per-trial", type=float)
     res.add_argument("--concurrency", type=int)
     res.add_argument("--max-failures", type=int)
+    res.add_argument("--time-budget", help="run this sitting for at most this long, e.g. 30m")
     res.set_defaults(fn=cmd_resume)
 
     st = sub.add_parser("strategies", help="list the registered strategies")
@@ -319,6 +352,30 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("dirs", nargs="+", help="experiment directories")
     rp.add_argument("-o", "--output", default="report.html")
     rp.set_defaults(fn=cmd_report)
+
+    fi = sub.add_parser("fidelity", help="train K candidates at several trial lengths and "
+                        "report how well the short ones rank them (Kendall's tau)")
+    fi.add_argument("--report", metavar="DIR", help="print the table of an earlier run")
+    fi.add_argument("--budget", help="budget the candidates are width-aligned to, e.g. 32KB")
+    fi.add_argument("--proxy-budget", help="as for `qsearch run` ('auto' by default)")
+    fi.add_argument("--model", help="model family (default resnet20)")
+    fi.add_argument("--dataset", help="fashion-mnist (default), cifar10, ...")
+    fi.add_argument("--data-root")
+    fi.add_argument("--candidates", type=int, default=12, help="uniform bit-widths plus "
+                    "random mixed ones (default 12)")
+    fi.add_argument("--steps", help="trial lengths in steps (default 100,300,900)")
+    fi.add_argument("--epochs", help="trial lengths in epochs instead, e.g. 1,3")
+    fi.add_argument("--seeds", type=int, default=1, help="repeats of each (candidate, "
+                    "length) with other seeds, to see the noise (default 1)")
+    fi.add_argument("--batch-size", type=int)
+    fi.add_argument("--seed", type=int)
+    fi.add_argument("--cpus-per-trial", type=float)
+    fi.add_argument("--gpus-per-trial", type=float)
+    fi.add_argument("--concurrency", type=int)
+    fi.add_argument("--address", help="join an existing Ray cluster (host:port)")
+    fi.add_argument("--out", help="experiment directory (default runs/fidelity-<time>)")
+    fi.add_argument("--format", default="table", help="table (default) or md")
+    fi.set_defaults(fn=cmd_fidelity)
 
     sp = sub.add_parser("space", help="inspect a search space")
     sps = sp.add_subparsers(dest="space_command", required=True, parser_class=_Parser)

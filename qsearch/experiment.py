@@ -24,7 +24,7 @@ from qsearch.strategy import create_strategy
 
 # where and how trials run, not what they search (``Spec.hash`` leaves them out)
 RESUME_OVERRIDES = ("address", "cpus_per_trial", "gpus_per_trial", "concurrency",
-                    "max_failures")
+                    "max_failures", "time_budget")
 
 
 def run_experiment(spec: Spec, *, inline: bool = False,
@@ -82,8 +82,13 @@ def _drive(runner: Runner, *, resumed: bool) -> Runner:
             execute(runner, spec.trials - done, f"{runner.stage}-{_runs_so_far(runner.out)}")
     finally:
         runner.display.close()
+    if runner.remaining_s() == 0:
+        left = runner.unfinished()
+        say(f"time budget {spec.time_budget} reached: {left} trials cut short (resumed from "
+            f"their checkpoints) and up to {max(0, spec.trials - len(runner.rows()) - left)} "
+            f"not started: `qsearch resume {runner.out} --time-budget 30m` continues")
     summarize(runner)
-    if spec.final_seeds:
+    if spec.final_seeds and runner.remaining_s() != 0:
         run_final(runner)
     return runner
 
@@ -105,7 +110,8 @@ def summarize(runner: Runner) -> None:
         say(text)
     found = final_candidate(rows, runner.space, b.target)
     if found is None:
-        say(f"no trial succeeded: see the errors with `qsearch results {out}`")
+        say(f"no trial finished yet: `qsearch resume {out}` continues" if runner.unfinished()
+            else f"no trial succeeded: see the errors with `qsearch results {out}`")
         return
     best, cand, cost = found
     for line in summary_lines(best, cand, cost, runner.space, b):

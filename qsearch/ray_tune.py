@@ -154,7 +154,7 @@ def _callback(runner: Runner, board):
             runner.tick()
 
         def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
-            runner.checkpoints[trial.trial_id] = checkpoint.path
+            runner.checkpointed(trial.trial_id, checkpoint.path)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             runner.errored(trial.trial_id, _error_text(trial))
@@ -190,7 +190,8 @@ def fit(runner: Runner, num_samples: int, run_name: str) -> None:
     tuner = tune.Tuner(
         tune.with_resources(trial_fn, resources),
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=num_samples,
-                                    max_concurrent_trials=concurrency, reuse_actors=True),
+                                    max_concurrent_trials=concurrency, reuse_actors=True,
+                                    time_budget_s=runner.remaining_s()),
         run_config=tune.RunConfig(
             name=run_name, storage_path=str((runner.out / "tune").resolve()), verbose=0,
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),

@@ -24,7 +24,7 @@ from qsearch.console import Display, Snapshot
 from qsearch.files import RAY_LOG_FILE, state_file
 from qsearch.final import best_row
 from qsearch.planning import Budgets, budget_text, plan_budgets
-from qsearch.spec import Spec, space_from_spec
+from qsearch.spec import Spec, duration_seconds, space_from_spec
 from qsearch.store import ResultsStore
 from qsearch.strategy import FINISHED, Proposal, Result, Strategy, create_strategy
 from qsearch.trial import result_from_report
@@ -80,7 +80,9 @@ class Runner:
         self.state_file = StateFile(out, stage)
         self.live: dict[str, dict] = {}  # trial id -> {"index", "proposal", "origin"}
         self.replay: list[tuple[str, dict]] = []  # trials to run again after a resume
-        self.checkpoints: dict[str, str] = {}
+        self.checkpoints: dict[str, str] = {}  # original trial id -> last checkpoint
+        self.cut: dict[str, dict] = {}  # trials the time budget ended: run again on resume
+        self.deadline: float | None = None
         self.started: dict[str, float] = {}
         self.awaiting_error: dict[str, tuple[dict, float]] = {}
         self.next_index = 0
@@ -127,10 +129,34 @@ class Runner:
             return False
         return bool(self.strategy.should_stop(entry["origin"], metrics))
 
+    def checkpointed(self, trial_id: str, path: str) -> None:
+        """A trial saved a checkpoint: a resume after a driver death starts it from there."""
+        if trial_id in self.live:
+            self.checkpoints[self.live[trial_id]["origin"]] = path
+            self.save_state()
+
+    def start_clock(self) -> None:
+        """The time budget of this sitting starts now (``spec.time_budget``)."""
+        if self.spec.time_budget:
+            self.deadline = time.time() + duration_seconds(self.spec.time_budget)
+
+    def unfinished(self) -> int:
+        """Trials begun but neither told nor stored (cut short by the time budget, or still
+        in flight when the executor returned): a resume runs them again."""
+        return len(self.live) + len(self.cut)
+
+    def remaining_s(self) -> float | None:
+        return None if self.deadline is None else max(0.0, self.deadline - time.time())
+
     def complete(self, trial_id: str, report: dict | None, error: bool) -> None:
         """A trial ended: tell the strategy, store the row. A trial that raised is stored
-        by ``errored``, which the executor calls next with its error text."""
+        by ``errored``, which the executor calls next with its error text. A trial the time
+        budget cut short is neither told nor stored: a resume runs it again."""
         entry = self.live.pop(trial_id)
+        if not error and not (report or {}).get("final") and self.remaining_s() == 0:
+            self.cut[trial_id] = entry
+            self.save_state()
+            return
         result = result_from_report(report, error, Proposal.from_dict(entry["proposal"]))
         self.strategy.tell(entry["origin"], result)
         wall = time.time() - self.started.get(trial_id, time.time())
@@ -182,7 +208,7 @@ class Runner:
         self.state_file.save({
             "strategy": self.strategy.state_dict(), "next_index": self.next_index,
             "live": {e["origin"]: {"index": e["index"], "proposal": e["proposal"]}
-                     for e in list(self.live.values())}
+                     for e in [*self.live.values(), *self.cut.values()]}
             | {origin: e for origin, e in self.replay},
             "checkpoints": self.checkpoints})
 
@@ -216,6 +242,7 @@ class Runner:
 
 def execute(runner: Runner, num_samples: int, run_name: str) -> None:
     """Run up to ``num_samples`` trials of ``runner``: Ray Tune, or inline."""
+    runner.start_clock()
     if runner.inline:
         return execute_inline(runner, num_samples)
     from qsearch import ray_tune
@@ -238,6 +265,8 @@ def execute_inline(runner: Runner, num_samples: int) -> None:
     from qsearch.trial import run_trial, scalar_metrics
 
     for i in range(num_samples):
+        if runner.remaining_s() == 0:  # the time budget ends the sitting between trials
+            return
         trial_id = f"inline_{runner.next_index:05d}_{i}"
         config = runner.suggest(trial_id)
         if config is None or config == FINISHED:

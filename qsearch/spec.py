@@ -76,6 +76,7 @@ class Spec:
     gpus_per_trial: float = 0.0
     concurrency: int | None = None  # default: as many as the cluster's CPUs allow
     max_failures: int = 2
+    time_budget: str | None = None  # e.g. "90m": stop this sitting after that long
     address: str | None = None
     out: str | None = None
     final_seeds: int = 0  # retrain the final candidate at the target with this many seeds
@@ -116,6 +117,9 @@ class Spec:
              f"multiplier qsearch builds is {MAX_WIDTH:g}, e.g. --width-max 32"),
             (bool(bits) and all(isinstance(b, int) and not isinstance(b, bool) for b in bits),
              f"bit_choices {bits!r} must be a list of integers, e.g. --bit-choices 1,2,4,8"),
+            (self.time_budget is None or _seconds_or_none(self.time_budget) is not None,
+             f"time budget {str(self.time_budget)[:40]!r} not understood: give a positive "
+             "duration with its unit, e.g. --time-budget 90m (s, m or h)"),
             (address is None or _address_ok(address), f"address {address!r} not "
              "understood: give the Ray head node as host:port (port 6379 by default), e.g. "
              "--address 10.0.0.5:6379"),
@@ -147,8 +151,23 @@ class Spec:
         """Identifies what was searched (excluding where and how it ran)."""
         keep = {k: v for k, v in self.to_dict().items()
                 if k not in ("address", "out", "name", "concurrency", "cpus_per_trial",
-                             "gpus_per_trial", "max_failures")}
+                             "gpus_per_trial", "max_failures", "time_budget")}
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def duration_seconds(text: str) -> float:
+    """``"90m"``, ``"1.5h"``, ``"45s"`` in seconds (the spec checked it already)."""
+    seconds = _seconds_or_none(text)
+    if seconds is None:
+        raise QSearchError(f"duration {text[:40]!r} not understood: e.g. 90m, 1.5h or 45s")
+    return seconds
+
+
+def _seconds_or_none(text: str) -> float | None:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smh])\s*", text)
+    if not m or float(m.group(1)) <= 0:
+        return None
+    return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600}[m.group(2)]
 
 
 def _address_ok(address: str) -> bool:

@@ -137,3 +137,26 @@ def test_resume_after_driver_killed(tmp_path):
     assert list(kept.val_acc) == list(before.val_acc)  # completed trials untouched
     bits = sorted(json.loads(c)["w_bits"][1] for c in after.candidate)
     assert bits == [1, 2, 3, 4, 5, 6, 7, 8]  # no cell re-run: the grid position was restored
+
+
+@pytest.mark.slow
+def test_time_budget_stops_cleanly_and_resume_continues(tmp_path):
+    """Tune's time budget cuts two long trials (~60 s each on an idle machine) at 40 s."""
+    out = tmp_path / "timed"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train: {steps: 2400, batch_size: 32, eval_every_steps: 10000}\n")
+    r = qsearch("run", str(recipe), "--strategy", "uniform", "--strategy-arg", "bits=[1,8]",
+                "--budget", "6KB", "--dataset", "synthetic", "--trials", "2", "--time-budget",
+                "40s", "--out", str(out), env={"QSEARCH_CHECKPOINT_EVERY": "1"})
+    assert r.returncode == 0, r.stderr
+    assert "time budget 40s reached: 2 trials cut short" in r.stdout, r.stdout
+    assert "no trial succeeded" not in r.stdout + r.stderr and "Traceback" not in r.stderr
+    state = json.loads((out / "state.json").read_text())
+    assert len(state["live"]) == 2 and state["checkpoints"]  # kept for the resume
+    assert not (out / "results.parquet").exists()  # nothing stored for a trial cut short
+    again = qsearch("resume", str(out), "--time-budget", "10m")
+    assert again.returncode == 0, again.stderr
+    df = rows(out)
+    assert len(df) == 2 and set(df.status) == {"ok"} and df.trial_id.is_unique
+    resumed = [json.loads(m)["resumed_from_step"] for m in df.metrics]
+    assert max(resumed) > 0  # the trials the budget cut continued from their checkpoints

@@ -166,3 +166,17 @@ def test_stop_request_reaches_a_ray_tune_trial(tmp_path):
     got = json.loads(r.stdout.strip().splitlines()[-1])
     # the stop is read after the next report at the latest: step 4 or 8 of 40
     assert got["status"] == "stopped" and got["steps"] in (4, 8)
+
+
+def test_time_budget_ends_the_sitting_between_trials_and_resume_extends_it(tmp_path):
+    s = spec(tmp_path, trials=3, time_budget="0.5s", strategy_kwargs={"bits": [1, 2, 8]},
+             train={"steps": 60, "batch_size": 32, "eval_every_steps": 30})
+    out = io.StringIO()
+    runner = run_experiment(s, inline=True, display=Display(stream=out, live=False))
+    assert len(runner.rows()) < 3 and "time budget 0.5s reached" in out.getvalue()
+    assert "no trial succeeded" not in out.getvalue()
+    again = resume_experiment(runner.out, overrides={"time_budget": "10m"}, inline=True,
+                              display=Display(stream=io.StringIO()))
+    rows = again.rows()
+    assert len(rows) == 3 and {r["status"] for r in rows} == {"ok"}
+    assert sorted(json.loads(r["candidate"])["w_bits"][1] for r in rows) == [1, 2, 8]
