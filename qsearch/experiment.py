@@ -84,9 +84,10 @@ def _drive(runner: Runner, *, resumed: bool) -> Runner:
         runner.display.close()
     if runner.remaining_s() == 0:
         left = runner.unfinished()
-        say(f"time budget {spec.time_budget} reached: {left} trials cut short (resumed from "
-            f"their checkpoints) and up to {max(0, spec.trials - len(runner.rows()) - left)} "
-            f"not started: `qsearch resume {runner.out} --time-budget 30m` continues")
+        say(f"time budget {spec.time_budget} reached: {left} trials cut short (kept with "
+            f"their last checkpoint, if any) and up to "
+            f"{max(0, spec.trials - len(runner.rows()) - left)} not started: "
+            f"`qsearch resume {runner.out} --time-budget 30m` continues")
     summarize(runner)
     if spec.final_seeds and runner.remaining_s() != 0:
         run_final(runner)
