@@ -18,7 +18,7 @@ from qsearch.console import Display, plan_lines, start_lines, summary_lines
 from qsearch.files import FINAL_FILE, LOCK_FILE, RESULTS_FILE, SPEC_FILE, SUMMARY_FILE
 from qsearch.final import FinalRetrain, final_candidate, seed_summary
 from qsearch.planning import check_writable, plan_budgets, validate_run_settings
-from qsearch.runner import Runner, StateFile, connect, execute
+from qsearch.runner import Runner, StateFile, connect, execute, failed_count
 from qsearch.spec import Spec, read_spec, space_from_spec
 from qsearch.strategy import create_strategy
 
@@ -104,7 +104,7 @@ def summarize(runner: Runner) -> None:
     (out / SUMMARY_FILE).write_text(json.dumps(runner.strategy.summary(), indent=2,
                                                default=float))
     rows = runner.rows()
-    failed = sum(r["status"] not in ("ok", "stopped") for r in rows)
+    failed = failed_count(rows)
     say(f"done: {len(rows)} trials ({failed} failed) in "
         f"{time.time() - runner.t0:.0f}s; results in {out / RESULTS_FILE}")
     if text := runner.strategy.summary_text():

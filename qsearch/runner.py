@@ -221,7 +221,7 @@ class Runner:
 
     def snapshot(self) -> Snapshot:
         rows = self.rows()
-        failed = sum(r["status"] not in ("ok", "stopped") for r in rows)
+        failed = failed_count(rows)
         best = self.best()
         elapsed = time.time() - self.t0
         limit = self.strategy.expected_trials() or 0
@@ -238,6 +238,11 @@ class Runner:
         """Called often while trials run: repeat the progress update when one is due."""
         if self.display.due():
             self.display.progress(self.snapshot(), heartbeat=True)
+
+
+def failed_count(rows: list[dict]) -> int:
+    """Rows of trials that failed or diverged (a stopped trial did not fail)."""
+    return sum(r["status"] not in ("ok", "stopped") for r in rows)
 
 
 def execute(runner: Runner, num_samples: int, run_name: str) -> None:

@@ -11,6 +11,7 @@ intermediate report only.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -19,7 +20,6 @@ from collections.abc import Callable
 from typing import Any
 
 from qsearch.budget import parse_budget
-from qsearch.candidate import Candidate
 from qsearch.spec import Spec, space_from_spec
 from qsearch.strategy import Proposal, Result
 
@@ -59,12 +59,12 @@ def scalar_metrics(metrics: dict) -> dict:
 
 
 def final_report(result: Result, *, node: str, seconds: float) -> dict:
+    """The last report: the whole ``Result`` as JSON, and the scalars Tune shows."""
     return {
         "final": True, "status": result.status,
         "val_acc": float("nan") if result.val_acc is None else float(result.val_acc),
-        "candidate": result.candidate.to_json() if result.candidate else "",
-        "metrics_json": json.dumps(result.metrics, default=float),
-        "error": result.error or "", "node": node, "task_wall_seconds": seconds,
+        "result_json": json.dumps(result.to_dict(), default=float),
+        "node": node, "task_wall_seconds": seconds,
     }
 
 
@@ -83,8 +83,7 @@ def result_from_report(report: dict | None, error: bool,
         acc = report.get("val_acc")
         return Result("stopped", float("nan") if acc is None else float(acc),
                       proposal.candidate if proposal else None, {**metrics, "stopped": True})
-    cand = Candidate.from_json(report["candidate"]) if report.get("candidate") else None
-    acc = float(report["val_acc"])
-    status = report["status"] if math.isfinite(acc) or report["status"] != "ok" else "diverged"
-    return Result(status, acc, cand, json.loads(report["metrics_json"]),
-                  report.get("error") or None)
+    result = Result.from_dict(json.loads(report["result_json"]))
+    if result.status == "ok" and not math.isfinite(result.val_acc):
+        return dataclasses.replace(result, status="diverged")
+    return result
