@@ -1,23 +1,31 @@
-"""Search efficiency: best validation accuracy vs number of trials, TPE against random.
+"""Search efficiency: best full-length validation accuracy against CPU time, for random, TPE
+and HAQ, each with and without Ray Tune's ASHA scheduler, at equal CPU time.
 
-Every trial is a real one: the script runs ``qsearch run`` once per (strategy, seed), all at
-the same budget, trial length, model and dataset, and reads each experiment's
-``results.parquet`` (columns ``trial_index``, ``val_acc``). The curve of a run is the best
-validation accuracy among its first n trials (failed trials count as trials, not as
-accuracy); the table gives the mean and range over seeds at each n.
+Every trial is a real one: the script runs ``qsearch run`` once per (strategy, scheduler,
+seed), all at the same budget, model, dataset and trial length (``--max-steps``), one trial
+at a time on one CPU (``--concurrency 1 --cpus-per-trial 1``), each for the same
+``--time-budget``: equal CPU time. It then reads each experiment's ``results.parquet``.
 
-Trials run one at a time by default (``--concurrency 1``), so every proposal sees every
-earlier result: the setting in which a model-based search can show its advantage. An
-interrupted benchmark is continued by running the same command again (finished runs are
-reused, unfinished ones are resumed with ``qsearch resume``).
+The curve of a search is, against the CPU seconds its trials had used when each finished
+(``wall_seconds`` summed in finishing order), the best validation accuracy among trials that
+trained the full ``--max-steps`` (a trial ASHA stopped early has an accuracy at fewer steps:
+not comparable, not counted). The report gives, per configuration, the mean and range over
+seeds at a quarter, half and all of the time budget, and the two targets of the
+multi-fidelity work:
 
-Example (the defaults, plus TPE modelling from its 6th trial; each of the six searches took
-about 9 min on the 2-core development machine; separate ``--seeds`` runs with the same
-``--out`` can go side by side, and a last run with all seeds collects them)::
+- ASHA: CPU time random+ASHA needs to reach the best that random without a scheduler found
+  in the whole budget (same seed), as a fraction of the budget (target <= 0.5);
+- model-based search: CPU time TPE or HAQ needs to reach random's best, as a fraction of
+  the budget (target <= 0.5), each with and without ASHA.
 
-    python benchmarks/bench_search_efficiency.py --budget 32KB --trials 16 --steps 100 \\
-        --seeds 0,1,2 --strategies tpe,random --tpe-arg n_startup_trials=5 \\
-        --out runs/bench-search-efficiency
+A search that never reaches the reference is reported as ">1" (not within the budget).
+Finished searches are reused when the same command runs again; an interrupted one is run
+again from the start (its time budget must be whole to be comparable).
+
+Example (the figures in docs/results/search-efficiency.md; 18 searches of 5 min)::
+
+    python benchmarks/bench_search_efficiency.py --budget 32KB --max-steps 270 \\
+        --min-steps 30 --time-budget 5m --seeds 0,1,2 --out runs/bench-search-efficiency
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+STRATEGY_ARGS = {"tpe": ["n_startup_trials=5"], "haq": ["warmup=3"]}
+
 
 def qsearch_command() -> list[str]:
     exe = shutil.which("qsearch", path=str(Path(sys.executable).parent)) or shutil.which(
@@ -38,61 +48,90 @@ def qsearch_command() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "qsearch.cli"]
 
 
-def runner_available(cmd: list[str]) -> bool:
-    probe = subprocess.run([*cmd, "run", "--help"], capture_output=True, text=True)
-    return probe.returncode == 0 and "--trials" in probe.stdout
-
-
-def run_one(cmd: list[str], args, strategy: str, seed: int, out: Path) -> Path:
-    """One search experiment; reused when complete, resumed when interrupted."""
-    results = out / "results.parquet"
-    if results.exists() and len(read_curve(out)) >= args.trials:
-        print(f"{strategy} seed {seed}: reusing {out}", flush=True)
+def run_one(cmd: list[str], args, strategy: str, scheduler: str, seed: int, out: Path) -> Path:
+    """One search for the whole time budget; reused when it finished before."""
+    if (out / "final.json").exists():
+        print(f"{out.name}: reusing {out}", flush=True)
         return out
-    if (out / "spec.json").exists():
-        argv = [*cmd, "resume", str(out)]
-    else:
-        argv = [*cmd, "run", "--strategy", strategy, "--budget", args.budget,
-                "--proxy-budget", "none", "--model", args.model, "--dataset", args.dataset,
-                "--trials", str(args.trials), "--steps", str(args.steps),
-                "--batch-size", str(args.batch_size), "--seed", str(seed),
-                "--concurrency", str(args.concurrency),
-                "--gpus-per-trial", str(args.gpus_per_trial), "--out", str(out)]
-        if args.data_root:
-            argv += ["--data-root", args.data_root]
-        if strategy == "tpe":
-            for kv in args.tpe_arg:
-                argv += ["--strategy-arg", kv]
-    print(f"{strategy} seed {seed}: {' '.join(argv)}", flush=True)
-    env = {"RAY_USAGE_STATS_ENABLED": "0", **os.environ}
-    subprocess.run(argv, check=True, env=env)
+    if out.exists():
+        print(f"{out.name}: incomplete, run again from the start", flush=True)
+        shutil.rmtree(out)
+    argv = [*cmd, "run", "--strategy", strategy, "--budget", args.budget,
+            "--proxy-budget", "none", "--model", args.model, "--dataset", args.dataset,
+            "--trials", "1000", "--max-steps", str(args.max_steps),
+            "--batch-size", str(args.batch_size), "--seed", str(seed),
+            "--concurrency", "1", "--cpus-per-trial", "1", "--time-budget", args.time_budget,
+            "--out", str(out)]
+    if scheduler != "none":
+        argv += ["--scheduler", scheduler, "--min-steps", str(args.min_steps),
+                 "--reduction-factor", str(args.reduction_factor)]
+    for kv in STRATEGY_ARGS.get(strategy, []):
+        argv += ["--strategy-arg", kv]
+    if args.data_root:
+        argv += ["--data-root", args.data_root]
+    print(" ".join(argv), flush=True)
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL,
+                   env={"RAY_USAGE_STATS_ENABLED": "0", **os.environ})
     return out
 
 
-def read_curve(out: Path) -> list[float]:
-    """Best validation accuracy after 1, 2, ... trials (NaN until a trial succeeds)."""
+def read_curve(out: Path, max_steps: int) -> list[tuple[float, float]]:
+    """(CPU seconds used, best full-length val acc so far) at each finished trial."""
     import pandas as pd
 
-    df = pd.read_parquet(out / "results.parquet", columns=["trial_index", "val_acc", "stage"])
-    df = df[df["stage"] == "search"].sort_values("trial_index")
-    best, curve = -math.inf, []
-    for acc in df["val_acc"]:
-        if acc is not None and math.isfinite(acc):
-            best = max(best, float(acc))
-        curve.append(best if best > -math.inf else math.nan)
+    df = pd.read_parquet(out / "results.parquet")
+    df = df[df["stage"] == "search"].sort_values("finished_at")
+    used, best, curve = 0.0, math.nan, []
+    for _, r in df.iterrows():
+        used += float(r["wall_seconds"] or 0.0)
+        full = r["status"] == "ok" and r["steps"] == max_steps
+        if full and math.isfinite(r["val_acc"]):
+            best = r["val_acc"] if math.isnan(best) else max(best, r["val_acc"])
+        curve.append((used, best))
     return curve
 
 
-def aggregate(curves: dict[str, dict[int, list[float]]], n: int) -> list[dict]:
-    rows = []
-    for k in range(1, n + 1):
-        row: dict = {"trials": k}
-        for strategy, by_seed in curves.items():
-            vals = [c[k - 1] for c in by_seed.values() if len(c) >= k and math.isfinite(c[k - 1])]
-            row[strategy] = ({"mean": sum(vals) / len(vals), "min": min(vals), "max": max(vals),
-                              "seeds": len(vals)} if vals else None)
-        rows.append(row)
-    return rows
+def best_by(curve: list[tuple[float, float]], seconds: float) -> float:
+    done = [b for t, b in curve if t <= seconds and math.isfinite(b)]
+    return max(done) if done else math.nan
+
+
+def time_to(curve: list[tuple[float, float]], target: float) -> float:
+    """CPU seconds until the curve reaches ``target`` (inf: never)."""
+    return next((t for t, b in curve if math.isfinite(b) and b >= target - 1e-12), math.inf)
+
+
+def fmt_range(values: list[float], pct: bool = True) -> str:
+    vals = [v for v in values if math.isfinite(v)]
+    if not vals:
+        return "-"
+    f = (lambda v: f"{v:.2%}") if pct else (lambda v: f"{v:.2f}")
+    return f"{f(sum(vals) / len(vals))} [{f(min(vals))}, {f(max(vals))}]"
+
+
+def report(curves: dict, budget_s: float, seeds: list[int]) -> list[str]:
+    lines = ["| strategy | scheduler | trials (mean) | best full-length val at 1/4 | "
+             "at 1/2 | at the whole budget |", "|---|---|---:|---:|---:|---:|"]
+    for (strategy, scheduler), by_seed in curves.items():
+        cells = [fmt_range([best_by(c, budget_s * q) for c in by_seed.values()])
+                 for q in (0.25, 0.5, 1.0)]
+        n = sum(len(c) for c in by_seed.values()) / max(1, len(by_seed))
+        lines.append(f"| {strategy} | {scheduler} | {n:.1f} | " + " | ".join(cells) + " |")
+    lines += ["", "CPU time to reach the reference's best, as a fraction of the budget "
+              "(per seed; >1: not reached):", ""]
+    pairs = [(("random", "asha"), ("random", "none"))]
+    pairs += [((s, k), ("random", k)) for s in ("tpe", "haq") for k in ("none", "asha")]
+    for mine, ref in pairs:
+        if mine not in curves or ref not in curves:
+            continue
+        fr = []
+        for seed in seeds:
+            target = best_by(curves[ref][seed], budget_s)
+            t = time_to(curves[mine][seed], target) if math.isfinite(target) else math.inf
+            fr.append("n/a" if not math.isfinite(target) else
+                      (">1" if math.isinf(t) else f"{t / budget_s:.2f}"))
+        lines.append(f"- {'+'.join(mine)} to reach {'+'.join(ref)}'s best: {', '.join(fr)}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,50 +140,40 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="resnet20")
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--data-root", default=None)
-    p.add_argument("--trials", type=int, default=16, help="trials per search")
-    p.add_argument("--steps", type=int, default=100, help="training steps per trial")
+    p.add_argument("--max-steps", type=int, default=270, help="full trial length")
+    p.add_argument("--min-steps", type=int, default=30, help="ASHA's first rung")
+    p.add_argument("--reduction-factor", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds, one search each")
-    p.add_argument("--strategies", default="tpe,random")
-    p.add_argument("--concurrency", type=int, default=1)
-    p.add_argument("--gpus-per-trial", type=float, default=0.0)
-    p.add_argument("--tpe-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="passed to tpe as --strategy-arg (repeatable)")
+    p.add_argument("--time-budget", default="5m", help="CPU time of each search")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--strategies", default="random,tpe,haq")
+    p.add_argument("--schedulers", default="none,asha")
     p.add_argument("--out", default="runs/bench-search-efficiency")
     args = p.parse_args(argv)
 
-    cmd = qsearch_command()
-    if not runner_available(cmd):
-        print("the runner (`qsearch run`) is not available: nothing to benchmark",
-              file=sys.stderr)
-        return 2
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    strategies = [s for s in args.strategies.split(",") if s.strip()]
-    root = Path(args.out)
-    curves: dict[str, dict[int, list[float]]] = {s: {} for s in strategies}
-    for seed in seeds:
-        for strategy in strategies:
-            out = run_one(cmd, args, strategy, seed, root / f"{strategy}-seed{seed}")
-            curves[strategy][seed] = read_curve(out)
+    from qsearch.spec import duration_seconds
 
-    rows = aggregate(curves, args.trials)
-    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    cmd, root = qsearch_command(), Path(args.out)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    configs = [(s, k) for s in args.strategies.split(",") for k in args.schedulers.split(",")]
+    curves: dict = {c: {} for c in configs}
+    for seed in seeds:  # seed by seed: a cut-short benchmark has whole seeds
+        for strategy, scheduler in configs:
+            out = run_one(cmd, args, strategy, scheduler, seed,
+                          root / f"{strategy}-{scheduler}-seed{seed}")
+            curves[(strategy, scheduler)][seed] = read_curve(out, args.max_steps)
+    budget_s = duration_seconds(args.time_budget)
+    lines = [f"{args.model}/{args.dataset} at {args.budget}: full trial {args.max_steps} steps "
+             f"x batch {args.batch_size}; ASHA rungs from {args.min_steps} steps, factor "
+             f"{args.reduction_factor}; {args.time_budget} of one CPU per search; seeds {seeds}; "
+             "mean [min, max] over seeds", "", *report(curves, budget_s, seeds)]
+    print("\n".join(lines))
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "search_efficiency.md").write_text("\n".join(lines) + "\n")
     (root / "search_efficiency.json").write_text(json.dumps(
-        {"settings": settings, "seeds": seeds, "table": rows,
-         "curves": {s: {seed: [None if math.isnan(v) else v for v in c]
-                        for seed, c in by_seed.items()} for s, by_seed in curves.items()}},
-        indent=2, allow_nan=False))
-    print(f"\nbest val acc after n trials: {args.model}/{args.dataset}, budget {args.budget}, "
-          f"{args.steps} steps x batch {args.batch_size} per trial, seeds {seeds}, "
-          f"concurrency {args.concurrency} (mean [min, max] over seeds)")
-    print(f"{'n':>3}  " + "  ".join(f"{s:>24}" for s in strategies))
-    for row in rows:
-        cells = []
-        for s in strategies:
-            r = row[s]
-            cells.append(f"{r['mean']:.2%} [{r['min']:.2%}, {r['max']:.2%}]" if r else "-")
-        print(f"{row['trials']:>3}  " + "  ".join(f"{c:>24}" for c in cells))
-    print(f"\ncurves and settings: {root / 'search_efficiency.json'}")
+        {"settings": vars(args), "curves": {f"{s}+{k}": {str(seed): c for seed, c in v.items()}
+                                            for (s, k), v in curves.items()}},
+        indent=1, default=lambda v: None))
     return 0
 
 

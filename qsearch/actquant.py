@@ -96,20 +96,26 @@ class EMAActQuant(nn.Module):
         with torch.no_grad():
             lo, hi = self.running_min, self.running_max
             if self.training or not self._calibrated:
-                b_lo, b_hi = torch.aminmax(x.detach())
+                # the range stays float32 under a bfloat16 autocast (--bf16)
+                b_lo, b_hi = (v.to(lo.dtype) for v in torch.aminmax(x.detach()))
                 new = torch.isnan(lo)
                 lo = torch.where(new, b_lo, torch.lerp(lo, b_lo, self.momentum))
                 hi = torch.where(new, b_hi, torch.lerp(hi, b_hi, self.momentum))
                 if self.training:
                     self.running_min.copy_(lo)
                     self.running_max.copy_(hi)
-            qmax = 2**self.bits - 1
-            lo, hi = lo.clamp(max=0), hi.clamp(min=0)
-            scale = ((hi - lo) / qmax).clamp_min(_EPS)
-            zero = torch.round(-lo / scale).clamp(0, qmax)
-            params = torch.stack([scale, -zero, qmax - zero]).float()
+            scale, zero = self.qparams(lo, hi)
+            params = torch.stack([scale, -zero, 2**self.bits - 1 - zero]).float()
             params = params.tolist() if x.device.type == "cpu" else params.unbind()
         return _AsymFakeQuant.apply(x, *params)
+
+    def qparams(self, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+        """Scale and zero point (codes 0..2^bits - 1) of the range [lo, hi] widened to include
+        0; the ONNX exporter (:mod:`qsearch.onnx_export`) reads the same numbers."""
+        qmax = 2**self.bits - 1
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+        scale = ((hi - lo) / qmax).clamp_min(_EPS)
+        return scale, torch.round(-lo / scale).clamp(0, qmax)
 
     @property
     def _calibrated(self) -> bool:

@@ -44,7 +44,7 @@ def _kv(text: str) -> tuple[str, object]:
 
 # ----- qsearch space show ------------------------------------------------------------------
 def cmd_space_show(args) -> None:
-    from qsearch.budget import format_cost, parse_budget
+    from qsearch.budget import parse_budget
     from qsearch.space import SearchSpace, parse_pin_bits
 
     space = SearchSpace(args.model, args.dataset, data_root=args.data_root, a_bits=args.a_bits,
@@ -56,30 +56,9 @@ def cmd_space_show(args) -> None:
     if args.budget:
         aligned = space.align(cand, parse_budget(args.budget))
         cand = aligned.candidate
-    rows = space.table(cand)
-    print(f"{space.model} on {space.dataset}: {len(rows)} quantizable layers, width "
-          f"{cand.width:.4g}, activations {cand.a_bits} bit")
-    yes = {True: "yes", False: "no"}
-    print(f"first/last layer bits: {'free' if space.pin_bits is None else space.pin_bits}, "
-          f"first/last channels fixed: {yes[space.fixed_first]}/{yes[space.fixed_last]}, "
-          f"biases in C_size: {yes[space.count_bias]}")
-    head = f"{'#':>3} {'layer':<22} {'role':<9} {'cin':>5} {'cout':>5} {'k':>3} {'s':>2} " \
-           f"{'out':>7} {'bits':>4} {'C_size':>10} {'share':>6} {'BitOPs':>10}"
-    print(head)
-    for i, r in enumerate(rows):
-        print(f"{i:>3} {r['layer']:<22} {r['role']:<9} {r['cin']:>5} {r['cout']:>5} "
-              f"{r['kernel']:>3} {r['stride']:>2} {r['out']:>7} {r['bits']:>4} "
-              f"{format_cost(r['c_size_bits'], 'size'):>10} {r['share']:>6.1%} "
-              f"{format_cost(r['bitops'], 'bitops'):>10}")
-    mem = space.memory_footprint(cand)
-    packed = space.packed_bytes(cand)
-    print(f"C_size {format_cost(space.c_size(cand), 'size')} ({space.c_size(cand):.0f} bits), "
-          f"BitOPs {format_cost(space.bitops(cand), 'bitops')} ({space.bitops(cand):.0f}), "
-          f"inference memory {format_cost(mem, 'size')}, "
-          f"packed file ~{packed['total_bytes']:,} bytes")
-    if aligned:
-        print(f"width aligned to {aligned.budget}: width {cand.width:.6g}, achieved "
-              f"{aligned.ratio:.2%} of the budget")
+    from qsearch.tables import space_table
+
+    print(space_table(space, cand, aligned))
 
 
 # ----- run / resume / results / strategies ---------------------------------------------
@@ -89,7 +68,10 @@ _RUN_FLAGS = {  # CLI flag -> spec key (flags override the recipe)
     "cpus_per_trial": "cpus_per_trial", "gpus_per_trial": "gpus_per_trial",
     "concurrency": "concurrency", "address": "address", "out": "out", "a_bits": "a_bits",
     "final_seeds": "final_seeds", "max_failures": "max_failures", "name": "name",
-    "time_budget": "time_budget",
+    "time_budget": "time_budget", "scheduler": "scheduler", "min_steps": "min_steps",
+    "reduction_factor": "reduction_factor", "workers_per_trial": "workers_per_trial",
+    "cpus_per_worker": "cpus_per_worker", "gpus_per_worker": "gpus_per_worker",
+    "bf16": "bf16", "channels_last": "channels_last", "pin_memory": "pin_memory",
     "width_min": "width_min", "width_max": "width_max",
 }
 
@@ -111,6 +93,11 @@ def _apply_flags(spec, args):
     if args.bit_choices is not None:
         over["bit_choices"] = _bits_list(args.bit_choices)
     train = dict(spec.train)
+    if args.max_steps is not None:
+        if args.steps not in (None, args.max_steps):
+            raise QSearchError(f"--steps {args.steps} and --max-steps {args.max_steps} both "
+                               "give the trial length: give one of them")
+        args.steps = args.max_steps
     if args.steps is not None and args.epochs is not None:
         raise QSearchError("--steps and --epochs both given: a trial length is one of them")
     if args.steps is not None:
@@ -178,7 +165,6 @@ def cmd_strategies(args) -> None:
 
 
 def cmd_results(args) -> None:
-    from qsearch.budget import format_cost
     from qsearch.files import RESULTS_FILE as FILENAME
     from qsearch.store import ResultsStore
 
@@ -191,23 +177,16 @@ def cmd_results(args) -> None:
     if args.json:
         print(json.dumps(rows, indent=1, default=str))
         return
-    print(f"{'#':>3} {'stage':<6} {'strategy':<13} {'status':<8} {'val_acc':>8} "
-          f"{'C_size':>9} {'ratio':>7} {'width':>7} {'train_s':>8} {'wall_s':>7} node / error")
-    for r in rows:
-        acc = f"{r['val_acc']:.2%}" if r["val_acc"] == r["val_acc"] else "-"
-        size = format_cost(r["c_size"], "size") if r["c_size"] else "-"
-        ratio = f"{r['budget_ratio']:.2%}" if r["budget_ratio"] else "-"
-        width = f"{r['width']:.4g}" if r["width"] else "-"
-        train_s = f"{r['train_seconds']:.1f}" if r["train_seconds"] else "-"
-        print(f"{r['trial_index']:>3} {r['stage']:<6} {r['strategy']:<13} {r['status']:<8} "
-              f"{acc:>8} {size:>9} {ratio:>7} {width:>7} {train_s:>8} "
-              f"{r['wall_seconds'] or 0:>7.1f} {r['error'] or r['node'] or ''}")
+    from qsearch.tables import trials_table
+
+    print(trials_table(rows))
 
 
 def cmd_export(args) -> None:
-    from qsearch.export import export_experiment
+    from qsearch.export import check_export_format, export_experiment, export_report
     from qsearch.planning import check_train_settings, check_writable
 
+    check_export_format(args.format)
     if args.steps is not None and args.epochs is not None:
         raise QSearchError("--steps and --epochs both given: the training length is one of "
                            "them")
@@ -218,17 +197,13 @@ def cmd_export(args) -> None:
         train = {"epochs": args.epochs, "steps": None}
     check_train_settings(train, "export")
     # checked before the minutes of training, not after them
-    output = Path(args.dir) / "model.safetensors" if args.output is None else args.output
-    check_writable(output, directory=False, what="export file", flag="-o",
-                   example="model.safetensors")
-    r = export_experiment(args.dir, args.output, train=train)
-    print(f"wrote {r['path']}: {r['total_bytes']:,} bytes = codes {r['code_bytes']:,} "
-          f"(C_size/8 = {r['c_size_bytes']:,.0f}, {r['code_bytes'] / r['c_size_bytes']:.4f}x)"
-          f" + scales {r['scale_bytes']:,} + float params {r['float_bytes']:,} + header "
-          f"{r['metadata_bytes']:,}")
-    print(f"test accuracy {r['test_acc']:.2%}; reloaded model predicts identically on the "
-          f"test split: {'yes' if r['identical'] else 'NO'}")
-    if not r["identical"]:
+    name = f"model.{args.format}"
+    output = Path(args.dir) / name if args.output is None else args.output
+    check_writable(output, directory=False, what="export file", flag="-o", example=name)
+    r = export_experiment(args.dir, args.output, train=train, fmt=args.format)
+    text, ok = export_report(r)
+    print(text)
+    if not ok:
         raise SystemExit(1)
 
 
@@ -250,13 +225,19 @@ def cmd_fidelity(args) -> None:
 
     if args.format not in ("table", "md"):
         raise QSearchError(f"--format {args.format!r} not known: use table or md")
-    if args.report:
+    if args.report or args.compare:
         given = [f for f in ("budget", "steps", "epochs", "out", "address")
                  if getattr(args, f) is not None]
-        if given:
-            raise QSearchError(f"--report reads an existing directory; --{given[0]} starts a "
-                               "run: give one or the other")
-        print(experiment_report(args.report, args.format))
+        if given or (args.report and args.compare):
+            what = f"--{given[0]} starts a run" if given else "--compare reads two"
+            raise QSearchError(f"--report reads an existing directory; {what}: give one "
+                               "or the other")
+        if args.compare:
+            from qsearch.fidelity import compare_report
+
+            print(compare_report(*args.compare))
+        else:
+            print(experiment_report(args.report, args.format))
         return
     from qsearch.experiment import run_experiment
     from qsearch.fidelity import fidelity_spec
@@ -303,11 +284,30 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int)
     run.add_argument("--cpus-per-trial", type=float)
     run.add_argument("--gpus-per-trial", type=float, help="fractions allowed, e.g. 0.25")
+    run.add_argument("--workers-per-trial", type=int, help="run each trial as a Ray Train "
+                     "TorchTrainer of N DDP workers (default 1: one process); --batch-size "
+                     "stays the global batch")
+    run.add_argument("--cpus-per-worker", type=float, help="CPUs of each worker (default 1)")
+    run.add_argument("--gpus-per-worker", type=float, help="GPUs of each worker (default 0: "
+                     "CPU workers, gloo; 1: NCCL)")
+    for flag, what in (("bf16", "autocast training steps to bfloat16"),
+                       ("channels-last", "NHWC memory order"),
+                       ("pin-memory", "ImageFolder batches in page-locked memory")):
+        run.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=None,
+                         help=f"{what} (GPU path; off by default until measured)")
     run.add_argument("--concurrency", type=int, help="trials at once (default: CPUs / cpus "
                      "per trial)")
     run.add_argument("--max-failures", type=int, help="retries of a failed trial (default 2)")
     run.add_argument("--time-budget", help="stop after this long, e.g. 90m; trials cut short "
                      "continue with `qsearch resume DIR` (which takes --time-budget too)")
+    run.add_argument("--scheduler", help="none (default), asha or hyperband: Ray Tune's "
+                     "rung schedulers stop or pause weak trials early")
+    run.add_argument("--min-steps", type=int, help="first rung in steps (default: "
+                     "max steps / reduction factor^2)")
+    run.add_argument("--max-steps", type=int, help="trial length in steps under a scheduler "
+                     "(same as --steps)")
+    run.add_argument("--reduction-factor", type=int, help="rungs at min steps x factor^k; "
+                     "1 in factor trials goes on at each rung (default 3)")
     run.add_argument("--address", help="join an existing Ray cluster (host:port)")
     run.add_argument("--out", help="experiment directory (default runs/<strategy>-<time>)")
     run.add_argument("--name", help="experiment id (default: the directory name)")
@@ -336,9 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
     rs.set_defaults(fn=cmd_results)
 
     ex = sub.add_parser("export", help="train an experiment's final candidate and write it "
-                        "as a packed file (codes at their bit-width + scales)")
+                        "as a packed file (codes at their bit-width + scales) or as ONNX")
     ex.add_argument("dir", help="experiment directory (with final.json)")
-    ex.add_argument("-o", "--output", help="file (default DIR/model.safetensors)")
+    ex.add_argument("-o", "--output", help="file (default DIR/model.<format>)")
+    ex.add_argument("--format", default="safetensors", help="safetensors (default: qsearch's "
+                    "packed file) or onnx (integer weights for ONNX Runtime)")
     ex.add_argument("--steps", type=int, help="training steps (default: the final recipe)")
     ex.add_argument("--epochs", type=float)
     ex.set_defaults(fn=cmd_export)
@@ -356,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     fi = sub.add_parser("fidelity", help="train K candidates at several trial lengths and "
                         "report how well the short ones rank them (Kendall's tau)")
     fi.add_argument("--report", metavar="DIR", help="print the table of an earlier run")
+    fi.add_argument("--compare", nargs=2, metavar=("SMALL", "LARGE"), help="rank agreement "
+                    "of two runs at different budgets (same --seed and --candidates)")
     fi.add_argument("--budget", help="budget the candidates are width-aligned to, e.g. 32KB")
     fi.add_argument("--proxy-budget", help="as for `qsearch run` ('auto' by default)")
     fi.add_argument("--model", help="model family (default resnet20)")

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from qsearch.budget import format_cost
 from qsearch.candidate import bit_summary
+from qsearch.schedule import schedule_text, scheduler_settings
 
 if TYPE_CHECKING:
     from qsearch.planning import Budgets
@@ -138,6 +139,8 @@ def start_lines(spec: Spec, budgets: Budgets, out: object) -> list[str]:
     if budgets.reason:
         lines.append(f"proxy: searching at {budgets.search} because {budgets.reason}; the "
                      f"winner is re-aligned to {budgets.target}")
+    if schedule := scheduler_settings(spec):
+        lines.append(f"scheduler {schedule_text(schedule)}")
     return lines
 
 
@@ -147,10 +150,12 @@ def summary_lines(best: dict, cand, cost: float, space: SearchSpace,
     b = budgets
     where = f"re-aligned to the target {b.target}" if b.reason else f"at the budget {b.target}"
     c_size = space.c_size(cand)
+    early = (f", stopped early at {best.get('steps')} steps: no trial ran its full length"
+             if best["status"] == "stopped" else "")
     return [
         f"best: {best['strategy']} trial {best['trial_index']} val acc {best['val_acc']:.2%} "
         f"at {format_cost(best['c_size'], 'size')} (width {best['width']:.4g}, search budget "
-        f"{b.search})",
+        f"{b.search}{early})",
         f"final candidate {where}: width {cand.width:.4g}, C_size "
         f"{format_cost(c_size, 'size')} ({c_size:.6g} bits, {cost / b.target.value:.2%} of "
         f"the budget), BitOPs {format_cost(space.bitops(cand), 'bitops')}",
@@ -168,6 +173,8 @@ def plan_lines(spec: Spec, space: SearchSpace, budgets: Budgets,
     lines = [f"plan: {spec.strategy} on {spec.model}/{spec.dataset}, target {b.target}, search "
              f"at {b.search}{' (proxy: ' + b.reason + ')' if b.reason else ''}, up to "
              f"{spec.trials} trials of {json.dumps(spec.train)}"]
+    if schedule := scheduler_settings(spec):
+        lines.append(f"  scheduler {schedule_text(schedule)}")
     for i in range(spec.trials):
         p = strategy.ask(f"dry-{i}")
         if p is None or p == FINISHED:

@@ -90,7 +90,7 @@ class Split(Protocol):
 
     def batches(
         self, batch_size: int, *, shuffle: bool = False, augment: bool = False,
-        generator=None, start: int = 0, drop_last: bool = False,
+        generator=None, start: int = 0, drop_last: bool = False, shard=None,
     ) -> Iterator[tuple]: ...
 
 
@@ -138,13 +138,15 @@ class TensorSplit:
 
     def batches(
         self, batch_size: int, *, shuffle: bool = False, augment: bool = False,
-        generator=None, start: int = 0, drop_last: bool = False,
+        generator=None, start: int = 0, drop_last: bool = False, shard=None,
     ) -> Iterator[tuple]:
         """Yield ``(x float NCHW normalised, y long)`` on the split's device.
 
         Every random draw of the pass (order, crop offsets, flips) is taken from ``generator``
         (a CPU ``torch.Generator``) up front, so ``start=k`` skips k batches at no cost and
-        yields exactly what an uninterrupted pass would have yielded from batch k on.
+        yields exactly what an uninterrupted pass would have yielded from batch k on. With a
+        ``shard`` (:class:`qsearch.parallel.Shard`) each batch is that worker's slice of the
+        global batch of ``batch_size``: the workers' slices make up the unsharded batch.
         """
         import torch
 
@@ -163,12 +165,14 @@ class TensorSplit:
             cols_base = torch.arange(w, device=self.device)
             chans = torch.arange(c, device=self.device).view(1, c, 1, 1)
         stop = n - n % batch_size if drop_last else n
-        for lo in range(start * batch_size, stop, batch_size):
-            idx = order[lo:lo + batch_size]
+        first, size = shard.part(batch_size) if shard else (0, batch_size)
+        for lo in range(start * batch_size + first, stop, batch_size):
+            hi = min(lo + size, stop)
+            idx = order[lo:hi]
             if augment and (self.pad or self.flip):
-                rows = oy[lo:lo + batch_size, None] + rows_base
-                cols = torch.where(mirror[lo:lo + batch_size, None], cols_base.flip(0), cols_base)
-                cols = cols + ox[lo:lo + batch_size, None]
+                rows = oy[lo:hi, None] + rows_base
+                cols = torch.where(mirror[lo:hi, None], cols_base.flip(0), cols_base)
+                cols = cols + ox[lo:hi, None]
                 x = padded[idx.view(-1, 1, 1, 1), chans, rows[:, None, :, None],
                            cols[:, None, None, :]]
             else:
@@ -248,6 +252,7 @@ def load_dataset(
     device: str = "cpu",
     download: bool = False,
     num_workers: int | None = None,
+    pin_memory: bool = False,
 ) -> Splits:
     """Load a dataset as train / validation / test splits.
 
@@ -255,7 +260,8 @@ def load_dataset(
     and stratified, for model selection; ``train_fraction`` (fraction or count) of the rest
     is used for training, for short proxy trials. The official test split is untouched.
     Small datasets are held whole on ``device``; ``num_workers`` (default: up to 4 CPUs)
-    only matters for ImageFolder datasets.
+    and ``pin_memory`` (page-locked host batches, for a GPU ``device``) only matter for
+    ImageFolder datasets.
     """
     info = dataset_info(name, root if name == "imagefolder" else None)
     if name in ("imagenet", "imagefolder"):
@@ -264,7 +270,7 @@ def load_dataset(
         workers = min(4, os.cpu_count() or 1) if num_workers is None else num_workers
         return load_imagefolder(name, root, val_fraction=val_fraction,
                                 train_fraction=train_fraction, seed=seed, device=device,
-                                num_workers=workers)
+                                num_workers=workers, pin_memory=pin_memory)
     if name == "fashion-mnist":
         x, y, xt, yt = load_fashion_mnist(root, download=download)
         mean, std = _STATS[name]

@@ -19,6 +19,7 @@ from qsearch.files import FINAL_FILE, LOCK_FILE, RESULTS_FILE, SPEC_FILE, SUMMAR
 from qsearch.final import FinalRetrain, final_candidate, seed_summary
 from qsearch.planning import check_writable, plan_budgets, validate_run_settings
 from qsearch.runner import Runner, StateFile, connect, execute, failed_count
+from qsearch.schedule import rung_counts
 from qsearch.spec import Spec, read_spec, space_from_spec
 from qsearch.strategy import create_strategy
 
@@ -107,6 +108,8 @@ def summarize(runner: Runner) -> None:
     failed = failed_count(rows)
     say(f"done: {len(rows)} trials ({failed} failed) in "
         f"{time.time() - runner.t0:.0f}s; results in {out / RESULTS_FILE}")
+    if runner.schedule:
+        say(rung_counts(rows, runner.schedule))
     if text := runner.strategy.summary_text():
         say(text)
     found = final_candidate(rows, runner.space, b.target)

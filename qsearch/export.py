@@ -312,25 +312,19 @@ def load_model(path: str | os.PathLike, build_fn: Callable[[str], nn.Module]) ->
     return model.eval()
 
 
-def export_experiment(out: str | os.PathLike, path: str | os.PathLike | None = None, *,
-                      train: dict | None = None, threads: int | None = None) -> dict:
-    """Train an experiment's final candidate (``final.json``) with its final recipe, write
-    the packed file, load it back and check it predicts identically on the test split.
-
-    Returns the byte breakdown plus ``c_size_bytes`` (C_size/8 of the quantized layers),
-    ``test_acc`` and ``identical`` (predictions of the reloaded model equal the trained
-    one's on every test image).
-    """
-    from qsearch.candidate import FLOAT_BITS, Candidate
+def _train_final(out: Path, train: dict | None, threads: int | None) -> tuple:
+    """Train an experiment's final candidate (``final.json``) with its final recipe; returns
+    the spec (compact JSON), the candidate, the space, the data splits and the model."""
+    from qsearch.candidate import Candidate
     from qsearch.data import load_dataset
     from qsearch.spec import Spec, space_from_spec
-    from qsearch.train import TrainConfig, evaluate, set_threads
+    from qsearch.train import TrainConfig, set_threads
 
-    out = Path(out)
     if not (out / "final.json").exists() or not (out / "spec.json").exists():
         raise QSearchError(f"{str(out)!r} has no final candidate (final.json): export the "
                            "--out directory of a finished `qsearch run`")
-    spec = Spec.from_dict(json.loads((out / "spec.json").read_text()))
+    spec_dict = json.loads((out / "spec.json").read_text())
+    spec = Spec.from_dict(spec_dict)
     cand = Candidate.from_dict(json.loads((out / "final.json").read_text())["candidate"])
     space = space_from_spec(spec)
     set_threads(threads or os.cpu_count() or 1)
@@ -348,10 +342,48 @@ def export_experiment(out: str | os.PathLike, path: str | os.PathLike | None = N
     from qsearch.train import train as train_model
 
     train_model(model, splits, config, callback=progress)
-    path = Path(path or out / "model.safetensors")
-    sizes = export_model(model, cand.to_json(), path, layer_names=[l.name for l in space.layers])
+    spec_json = json.dumps(spec_dict, sort_keys=True, separators=(",", ":"))
+    return spec_json, cand, space, splits, model
+
+
+EXPORT_FORMATS = ("safetensors", "onnx")
+
+
+def check_export_format(fmt: str) -> None:
+    if fmt not in EXPORT_FORMATS:
+        raise QSearchError(f"export format {fmt!r} not known: choose safetensors (the default, "
+                           "qsearch's packed file) or onnx (integer weights for ONNX Runtime), "
+                           "e.g. --format onnx")
+
+
+def export_experiment(out: str | os.PathLike, path: str | os.PathLike | None = None, *,
+                      train: dict | None = None, threads: int | None = None,
+                      fmt: str = "safetensors") -> dict:
+    """Train an experiment's final candidate (``final.json``) with its final recipe, write
+    the packed file, load it back and check it predicts identically on the test split.
+
+    Returns the byte breakdown plus ``c_size_bytes`` (C_size/8 of the quantized layers),
+    ``test_acc`` and ``identical`` (predictions of the reloaded model equal the trained
+    one's on every test image). ``fmt="onnx"`` writes an ONNX graph instead
+    (:func:`qsearch.onnx_export.export_checked`: its summary, and ``agreement`` and
+    ``max_logit_diff`` of ONNX Runtime against the trained model on the test split).
+    """
+    from qsearch.candidate import FLOAT_BITS, Candidate
+    from qsearch.train import evaluate
+
+    check_export_format(fmt)
+    out = Path(out)
+    spec_json, cand, space, splits, model = _train_final(out, train, threads)
     test = splits.test
     model.eval()
+    if fmt == "onnx":
+        from qsearch.onnx_export import export_checked
+
+        r = export_checked(model, cand.to_json(), path or out / "model.onnx", test,
+                           spec_json=spec_json, threads=threads)
+        return {**r, "test_acc": evaluate(model, test)[0]}
+    path = Path(path or out / "model.safetensors")
+    sizes = export_model(model, cand.to_json(), path, layer_names=[l.name for l in space.layers])
     loaded = load_model(path, lambda js: space.build(Candidate.from_json(js)))
     with torch.no_grad():
         same = all(torch.equal(model(x).argmax(1), loaded(x).argmax(1))
@@ -360,3 +392,21 @@ def export_experiment(out: str | os.PathLike, path: str | os.PathLike | None = N
     c_size = sum(b * n for b, n, q in zip(cand.w_bits, space.params(cand), quantized) if q)
     return {**sizes, "c_size_bytes": c_size / 8, "test_acc": evaluate(model, test)[0],
             "identical": same, "path": str(path)}
+
+
+def export_report(r: dict) -> tuple[str, bool]:
+    """What ``qsearch export`` prints for an :func:`export_experiment` result, and whether the
+    exported file passed its check (identical predictions, or ONNX Runtime's agreement)."""
+    if "agreement" in r:  # ONNX
+        from qsearch.onnx_export import AGREEMENT_MIN, format_summary
+
+        return (f"{format_summary(r)}\ntest accuracy {r['test_acc']:.2%}; ONNX Runtime "
+                f"{r['onnxruntime']} (CPU) against PyTorch on the test split ({r['images']:,} "
+                f"images): top-1 agreement {r['agreement']:.2%}, max |logit difference| "
+                f"{r['max_logit_diff']:.3g}", r["agreement"] >= AGREEMENT_MIN)
+    return (f"wrote {r['path']}: {r['total_bytes']:,} bytes = codes {r['code_bytes']:,} "
+            f"(C_size/8 = {r['c_size_bytes']:,.0f}, {r['code_bytes'] / r['c_size_bytes']:.4f}x)"
+            f" + scales {r['scale_bytes']:,} + float params {r['float_bytes']:,} + header "
+            f"{r['metadata_bytes']:,}\ntest accuracy {r['test_acc']:.2%}; reloaded model "
+            f"predicts identically on the test split: {'yes' if r['identical'] else 'NO'}",
+            r["identical"])

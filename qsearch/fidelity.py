@@ -193,6 +193,72 @@ def experiment_report(directory: str | Path, fmt: str = "table") -> str:
     return format_report(report, unit=unit, title=title, fmt=fmt)
 
 
+def budget_report(small: list[dict], large: list[dict], *, resamples: int = RESAMPLES,
+                  seed: int = 0) -> list[dict]:
+    """Does the ranking at a small (proxy) budget hold at a larger one? For each trial length
+    both runs trained: Kendall's tau between the two rankings of the same bit assignments
+    (width-aligned to each budget), its bootstrap 95% interval and each run's winner. The
+    runs must hold the same candidates (same ``--seed`` and ``--candidates``)."""
+    small, large = trial_rows(small), trial_rows(large)
+    if not small or not large:
+        raise QSearchError("--compare needs two `qsearch fidelity` run directories, each "
+                           "with finished trials")
+    bits = [{r["metrics"]["candidate_index"]: json.loads(r["candidate"])["w_bits"]
+             for r in rows if r.get("candidate")} for rows in (small, large)]
+    shared_bits = set(bits[0]) & set(bits[1])
+    if any(bits[0][i] != bits[1][i] for i in shared_bits):
+        raise QSearchError("the two runs trained different bit assignments: run both with "
+                           "the same --seed and --candidates (only --budget differs)")
+    labels = {r["metrics"]["candidate_index"]: r["metrics"].get("label", "?") for r in small}
+    a, b = mean_accuracies(small), mean_accuracies(large)
+    out = []
+    for length in sorted(set(a) & set(b)):
+        shared = sorted(set(a[length]) & set(b[length]))
+        x, y = [a[length][i] for i in shared], [b[length][i] for i in shared]
+        enough = len(shared) >= 3
+        out.append({
+            "length": length, "compared": len(shared),
+            "winner_small": labels.get(max(shared, key=lambda i: a[length][i]), "-"),
+            "winner_large": labels.get(max(shared, key=lambda i: b[length][i]), "-"),
+            "tau": kendall_tau(x, y) if enough else math.nan,
+            "ci": bootstrap_ci(x, y, resamples=resamples, seed=seed) if enough
+            else (math.nan, math.nan)})
+    return out
+
+
+def format_budget_report(rows: list[dict], title: str) -> str:
+    """The budget comparison as Markdown, one line per trial length."""
+    lines = [title, "", "| length | n | winner at the small budget | winner at the large | "
+             "tau | 95% CI | verdict |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        v = LengthRow(r["length"], 0, 0, 0.0, "", 0.0, r["tau"], r["ci"], r["compared"])
+        lo, hi = (("-" if math.isnan(c) else f"{c:.2f}") for c in r["ci"])
+        tau = "-" if math.isnan(r["tau"]) else f"{r['tau']:.2f}"
+        lines.append(f"| {r['length']:g} | {r['compared']} | {r['winner_small']} | "
+                     f"{r['winner_large']} | {tau} | [{lo}, {hi}] | {v.verdict} |")
+    return "\n".join(lines + ["", "tau: Kendall's tau-b between the two budgets' rankings "
+                              "of the same bit assignments (mean val acc over seeds)."])
+
+
+def compare_report(small_dir: str | Path, large_dir: str | Path) -> str:
+    """The budget comparison of two `qsearch fidelity` run directories."""
+    from qsearch.files import RESULTS_FILE, SPEC_FILE
+    from qsearch.spec import read_spec
+    from qsearch.store import ResultsStore
+
+    dirs = [Path(small_dir), Path(large_dir)]
+    for d in dirs:
+        if not (d / SPEC_FILE).exists() or not (d / RESULTS_FILE).exists():
+            raise QSearchError(f"{str(d)!r} holds no finished trials of an experiment: give "
+                               "the --out directories of two `qsearch fidelity` runs")
+    specs = [read_spec(d / SPEC_FILE) for d in dirs]
+    title = (f"Proxy budget: {specs[0].model} on {specs[0].dataset}, ranking at "
+             f"{specs[0].budget} against {specs[1].budget}")
+    rows = budget_report(ResultsStore(dirs[0]).rows, ResultsStore(dirs[1]).rows,
+                         seed=specs[0].seed)
+    return format_budget_report(rows, title)
+
+
 def parse_lengths(text: str, unit: str) -> list:
     """``"100,300,900"`` as trial lengths in ``unit`` (steps: integers; epochs: numbers)."""
     try:

@@ -36,10 +36,16 @@ class FinalRetrain(GridStrategy):
 
 
 def best_row(rows: list[dict]) -> dict | None:
-    """The successful trial with the highest validation accuracy (first one on ties)."""
-    ok = [r for r in rows if r["status"] == "ok" and r["candidate"]
-          and r["val_acc"] is not None and math.isfinite(r["val_acc"])]
-    return max(ok, key=lambda r: r["val_acc"]) if ok else None
+    """The most accurate trial at the highest fidelity reached (first one on ties): a
+    full-length trial (status ok) if any, else one of those a scheduler stopped at the
+    most steps. Accuracies at different fidelities are never compared."""
+    scored = [r for r in rows if r["status"] in ("ok", "stopped") and r["candidate"]
+              and r["val_acc"] is not None and math.isfinite(r["val_acc"])]
+    top = [r for r in scored if r["status"] == "ok"]
+    if not top and scored:
+        most = max(r.get("steps") or 0 for r in scored)
+        top = [r for r in scored if (r.get("steps") or 0) == most]
+    return max(top, key=lambda r: r["val_acc"]) if top else None
 
 
 def final_candidate(rows: list[dict], space: SearchSpace,

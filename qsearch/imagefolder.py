@@ -37,14 +37,16 @@ class LoaderSplit:
     Train batches (``augment=True``): RandomResizedCrop(224) + horizontal flip; otherwise
     Resize(256) + CenterCrop(224). The order is drawn from ``generator`` (so ``start`` skips
     exactly), and so is the workers' base seed; with ``num_workers=0`` the transforms draw
-    from torch's global RNG, which the trainer seeds and checkpoints.
+    from torch's global RNG, which the trainer seeds and checkpoints. ``pin_memory`` loads
+    batches into page-locked memory for a GPU ``device`` (opt-in: see bench_gpu.py).
     """
 
     def __init__(self, samples: list[tuple[str, int]], *, num_workers: int = 4,
-                 device: str = "cpu", image_size: int = 224):
+                 device: str = "cpu", image_size: int = 224, pin_memory: bool = False):
         from torchvision import transforms as T
 
         self.samples, self.num_workers, self.device = samples, num_workers, str(device)
+        self.pin_memory = pin_memory and self.device.startswith("cuda")
         norm = [T.ToTensor(), T.Normalize(*IMAGENET_STATS)]
         self.train_tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(),
                                    *norm])
@@ -56,19 +58,27 @@ class LoaderSplit:
 
     def batches(
         self, batch_size: int, *, shuffle: bool = False, augment: bool = False,
-        generator=None, start: int = 0, drop_last: bool = False,
+        generator=None, start: int = 0, drop_last: bool = False, shard=None,
     ) -> Iterator[tuple]:
+        """Batches from ``start`` on; with a ``shard`` (:class:`qsearch.parallel.Shard`),
+        that worker's slice of each global batch of ``batch_size`` (drawn with a seed of its
+        own, so workers do not repeat each other's augmentations)."""
         import torch
         from torch.utils.data import DataLoader
 
         n = len(self)
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         seed = int(torch.randint(2**62, (1,), generator=generator)) if generator else 0
+        order = order[start * batch_size:]
+        if shard is not None:  # the worker's slice of every global batch, in order
+            first, size = shard.part(batch_size)
+            full = len(order) - len(order) % batch_size
+            order = order[:full].view(-1, batch_size)[:, first:first + size].reshape(-1)
+            batch_size, seed = size, seed + shard.rank
         loader = DataLoader(
             _ImageList(self.samples, self.train_tf if augment else self.eval_tf),
-            batch_size=batch_size, sampler=order[start * batch_size:].tolist(),
-            num_workers=self.num_workers, drop_last=drop_last,
-            pin_memory=self.device.startswith("cuda"),
+            batch_size=batch_size, sampler=order.tolist(),
+            num_workers=self.num_workers, drop_last=drop_last, pin_memory=self.pin_memory,
             generator=torch.Generator().manual_seed(seed),
         )
         for x, y in loader:
@@ -88,7 +98,8 @@ def _scan_folder(path: Path, classes: list[str] | None = None) -> tuple[list, li
     return samples, classes
 
 
-def load_imagefolder(name, root, *, val_fraction, train_fraction, seed, device, num_workers):
+def load_imagefolder(name, root, *, val_fraction, train_fraction, seed, device, num_workers,
+                     pin_memory=False):
     """Splits of an ImageFolder tree: train/val carved from ``root/train``, test ``root/val``."""
     if root is None:
         raise QSearchError(
@@ -110,6 +121,6 @@ def load_imagefolder(name, root, *, val_fraction, train_fraction, seed, device, 
     test, _ = _scan_folder(Path(root) / "val", classes)
     labels = np.array([y for _, y in samples])
     tr, va = carve(labels, val_fraction=val_fraction, train_fraction=train_fraction, seed=seed)
-    kw = dict(num_workers=num_workers, device=device)
+    kw = dict(num_workers=num_workers, device=device, pin_memory=pin_memory)
     return Splits(LoaderSplit([samples[i] for i in tr], **kw),
                   LoaderSplit([samples[i] for i in va], **kw), LoaderSplit(test, **kw), info)

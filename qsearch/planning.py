@@ -87,11 +87,24 @@ def validate_run_settings(spec: Spec, *, load_data: bool = True) -> None:
     for key in ("train", "final_train"):
         check_train_settings(getattr(spec, key), key)
         TrainConfig.from_dict({**getattr(spec, key), "seed": spec.seed})
+        batch = TrainConfig.recipe(spec.dataset, **getattr(spec, key)).batch_size
+        check_global_batch(batch, spec.workers_per_trial, key)
     check_data_settings(spec.data)
     if load_data and spec.dataset in ("fashion-mnist", "cifar10", "cifar100", "synthetic"):
         from qsearch.data import load_dataset
 
         load_dataset(spec.dataset, **spec.data)
+
+
+def check_global_batch(batch_size: int, workers: int, what: str = "train") -> None:
+    """The batch size is the global batch of one step: it must split evenly over the
+    workers of a data-parallel trial (see :mod:`qsearch.parallel`)."""
+    if batch_size % workers:
+        fix = max(workers, batch_size // workers * workers)
+        raise QSearchError(f"{what} batch size {batch_size} does not split over "
+                           f"--workers-per-trial {workers}: the batch size is the global batch "
+                           f"of one step, each worker trains 1/{workers} of it; use a multiple "
+                           f"of {workers}, e.g. --batch-size {fix}")
 
 
 def check_train_settings(train: dict[str, Any], what: str = "train") -> None:

@@ -12,12 +12,16 @@
 Stop requests: when the runner decides a trial should stop (``Runner.on_result``), it posts
 the trial id to a small actor on the driver's node; the trial reads it after each report
 and its task ends at that evaluation with what it has (status ``stopped`` in the store).
+
+A trial of several workers (``workers_per_trial``) runs as a Ray Train ``TorchTrainer``
+inside the Tune trial: :mod:`qsearch.ray_train`, the one other module that knows Ray.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -28,40 +32,32 @@ from typing import TYPE_CHECKING, Any
 from qsearch import QSearchError
 from qsearch.files import RAY_LOG_FILE
 from qsearch.strategy import FINISHED
-from qsearch.trial import run_trial, scalar_metrics
+from qsearch.trial import load_state, run_trial, save_state, scalar_metrics
 
 if TYPE_CHECKING:
     from qsearch.runner import Runner
+    from qsearch.spec import Spec
 
 NAMESPACE = "qsearch"
 
 
 # ----- the trainable --------------------------------------------------------------------
-def _save_state(state: dict, directory: str) -> None:
-    import torch
-
-    torch.save(state, os.path.join(directory, "state.pt"))
-
-
-def _load_state(directory: str | None) -> dict | None:
-    import torch
-
-    path = os.path.join(directory, "state.pt") if directory else None
-    if not path or not os.path.exists(path):
-        return None
-    return torch.load(path, weights_only=True)
-
-
 def trial_fn(config: dict[str, Any]) -> None:
-    """Ray Tune function trainable: run one trial and report its result."""
+    """Ray Tune function trainable: run one trial and report its result (a trial of several
+    workers: drive its TorchTrainer, which reports)."""
     import ray
     from ray import tune
 
-    ckpt = tune.get_checkpoint()
-    restored = (_load_state(ckpt.to_directory()) if ckpt else None) or _load_state(
-        config.get("resume_from"))
     board = ray.get_actor(config["stop_board"], namespace=NAMESPACE)
     trial_id = tune.get_context().get_trial_id()
+    if config["spec"].get("workers_per_trial", 1) > 1:
+        from qsearch.ray_train import fit_trial
+
+        return fit_trial(config, board=board, trial_id=trial_id,
+                         storage=config["train_storage"])
+    ckpt = tune.get_checkpoint()
+    restored = (load_state(ckpt.to_directory()) if ckpt else None) or load_state(
+        config.get("resume_from"))
 
     def report(metrics: dict, state_fn=None) -> bool:
         # a checkpoint between evaluations has no accuracy; Tune wants its metric in each
@@ -70,7 +66,7 @@ def trial_fn(config: dict[str, Any]) -> None:
             tune.report(metrics)
         else:
             with tempfile.TemporaryDirectory() as d:
-                _save_state(state_fn(), d)
+                save_state(state_fn(), d)
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
         try:
             return ray.get(board.requested.remote(trial_id), timeout=30)
@@ -88,16 +84,35 @@ def _stop_board_class():
 
     @ray.remote(num_cpus=0)
     class StopBoard:
-        """Trial ids whose stop the runner requested."""
+        """Trial ids whose stop the runner requested, and the report keys it has seen (a
+        data-parallel trial's rank 0 waits for its report to be seen: ``answer``), and the
+        data-parallel trials Tune ended (their Train runs end at their next report)."""
 
         def __init__(self):
             self.ids: set[str] = set()
+            self.seen: set[tuple[str, str]] = set()
+            self.gone: set[str] = set()
 
         def stop(self, trial_id: str) -> None:
             self.ids.add(trial_id)
 
         def requested(self, trial_id: str) -> bool:
             return trial_id in self.ids
+
+        def saw(self, trial_id: str, key: str) -> None:
+            self.seen.add((trial_id, key))
+
+        def answer(self, trial_id: str, key: str) -> bool | None:
+            """None until report ``key`` was seen, then whether a stop was requested."""
+            if trial_id in self.gone:
+                return True
+            return trial_id in self.ids if (trial_id, key) in self.seen else None
+
+        def end(self, trial_id: str) -> None:
+            self.gone.add(trial_id)
+
+        def ended(self, trial_id: str) -> bool:
+            return trial_id in self.gone
 
     return StopBoard
 
@@ -116,7 +131,7 @@ def _searcher(runner: Runner):
             config = runner.suggest(trial_id)
             if config is None or config == FINISHED:
                 return Searcher.FINISHED if config == FINISHED else None
-            return {**config, "stop_board": board_name}
+            return {**config, "stop_board": board_name, "train_storage": train_storage}
 
         def on_trial_complete(self, trial_id: str, result=None, error: bool = False):
             runner.complete(trial_id, result, error)
@@ -131,6 +146,7 @@ def _searcher(runner: Runner):
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     board_name = f"stop-{uuid.uuid4().hex[:12]}"
+    train_storage = str((runner.out / "train").resolve())  # Ray Train runs (several workers)
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     board = _stop_board_class().options(name=board_name, namespace=NAMESPACE,
                                         scheduling_strategy=here).remote()
@@ -147,8 +163,12 @@ def _callback(runner: Runner, board):
             runner.started_trial(trial.trial_id)
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
+            if result.get("checkpoint_path"):  # a data-parallel trial's (Ray Train's)
+                runner.checkpointed(trial.trial_id, result["checkpoint_path"])
             if not result.get("final") and runner.on_result(trial.trial_id, result):
                 board.stop.remote(trial.trial_id)
+            if "report_key" in result:  # after any stop: the actor runs our calls in order
+                board.saw.remote(trial.trial_id, result["report_key"])
 
         def on_step_end(self, iteration, trials, **info):
             runner.tick()
@@ -161,8 +181,9 @@ def _callback(runner: Runner, board):
 
         def on_trial_recover(self, iteration, trials, trial, **info):
             last = trial.last_result or {}
+            saved = trial.checkpoint or last.get("checkpoint_path")
             runner.recovering(trial.trial_id, last.get("node_ip") or "?",
-                              last.get("step") if trial.checkpoint else None)
+                              last.get("step") if saved else None)
 
     return RunnerCallback()
 
@@ -183,14 +204,23 @@ def fit(runner: Runner, num_samples: int, run_name: str) -> None:
     from ray import tune
 
     spec = runner.spec
-    resources = {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial}
-    concurrency = spec.concurrency or max(
-        1, int(ray.cluster_resources().get("CPU", 1) // spec.cpus_per_trial))
+    trainable = tune.with_resources(trial_fn, {"cpu": spec.cpus_per_trial,
+                                               "gpu": spec.gpus_per_trial})
+    if spec.workers_per_trial > 1:
+        from qsearch import ray_train
+
+        # the trial drives a TorchTrainer whose workers hold the CPUs and GPUs; its actor is
+        # not reused, as its cleanup ends the Train run (see ray_train)
+        trainable = tune.with_resources(ray_train.driver_trainable(trial_fn),
+                                        ray_train.DRIVER_RESOURCES)
+    concurrency = spec.concurrency or _trials_that_fit(spec, ray.cluster_resources())
     searcher, board = _searcher(runner)
     tuner = tune.Tuner(
-        tune.with_resources(trial_fn, resources),
+        trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=num_samples,
-                                    max_concurrent_trials=concurrency, reuse_actors=True,
+                                    scheduler=_scheduler(runner.schedule),
+                                    max_concurrent_trials=concurrency,
+                                    reuse_actors=spec.workers_per_trial == 1,
                                     time_budget_s=runner.remaining_s()),
         run_config=tune.RunConfig(
             name=run_name, storage_path=str((runner.out / "tune").resolve()), verbose=0,
@@ -205,6 +235,33 @@ def fit(runner: Runner, num_samples: int, run_name: str) -> None:
     finally:
         runner.display.use_stream(sys.stdout)
         ray.kill(board)
+
+
+def _trials_that_fit(spec: Spec, cluster: dict) -> int:
+    """Default concurrency: trials the cluster's CPUs (and GPUs, when trials use them)
+    hold at once; four per GPU at 0.25 GPU per trial."""
+    n, (cpus, gpus) = 1, (spec.cpus_per_trial, spec.gpus_per_trial)
+    if spec.workers_per_trial > 1:
+        n, (cpus, gpus) = spec.workers_per_trial, spec.worker_resources()
+    fit = cluster.get("CPU", 1) // (n * cpus)
+    if gpus > 0:
+        fit = min(fit, cluster.get("GPU", 0) // (n * gpus))
+    return max(1, int(fit))
+
+
+def _scheduler(schedule: dict | None):
+    """Ray Tune's own ``ASHAScheduler`` / ``HyperBandScheduler`` on the rung ladder of
+    :func:`qsearch.schedule.scheduler_settings`: time is the reports' ``fidelity``, in units
+    of the first rung, so rung k is at ``reduction_factor**k`` units. None: FIFO."""
+    if schedule is None:
+        return None
+    from ray.tune.schedulers import ASHAScheduler, HyperBandScheduler
+
+    common = dict(time_attr="fidelity", metric="val_acc", mode="max",
+                  max_t=schedule["max_t"], reduction_factor=schedule["reduction_factor"])
+    if schedule["scheduler"] == "asha":
+        return ASHAScheduler(grace_period=1, brackets=1, **common)
+    return HyperBandScheduler(**common)
 
 
 @contextlib.contextmanager
@@ -237,6 +294,7 @@ def init_ray(address: str | None, out: Path) -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("SB3_LOGDIR", str(out.resolve() / "sb3"))
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")  # Train V2 (the default in Ray 2.60)
     import ray
 
     if ray.is_initialized():
@@ -274,14 +332,26 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
                            f"address (host:port, port 6379 by default), or {fix}")
 
 
-def check_resources(cpus: float, gpus: float) -> None:
-    """A trial asking for more than any live node has would wait forever: refuse it."""
+def check_resources(spec: Spec) -> None:
+    """A trial asking for more than the live nodes have would wait forever: refuse it. A
+    trial of N workers needs N worker slots, on one node or spread over several."""
     import ray
 
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    if any(n.get("CPU", 0) >= cpus and n.get("GPU", 0) >= gpus for n in nodes):
-        return
     have = ", ".join(f"{n.get('CPU', 0):g} CPU/{n.get('GPU', 0):g} GPU" for n in nodes)
-    raise QSearchError(f"a trial asks for {cpus:g} CPU and {gpus:g} GPU but no node of the "
-                       f"cluster has that (nodes: {have or 'none'}): lower --cpus-per-trial / "
-                       "--gpus-per-trial, or add a node that has them")
+    if spec.workers_per_trial == 1:
+        cpus, gpus = spec.cpus_per_trial, spec.gpus_per_trial
+        if any(n.get("CPU", 0) >= cpus and n.get("GPU", 0) >= gpus for n in nodes):
+            return
+        raise QSearchError(f"a trial asks for {cpus:g} CPU and {gpus:g} GPU but no node of "
+                           f"the cluster has that (nodes: {have or 'none'}): lower "
+                           "--cpus-per-trial / --gpus-per-trial, or add a node that has them")
+    workers, (cpus, gpus) = spec.workers_per_trial, spec.worker_resources()
+    slots = sum(int(min(n.get("CPU", 0) // cpus,
+                        n.get("GPU", 0) // gpus if gpus else math.inf)) for n in nodes)
+    if slots >= workers:
+        return
+    raise QSearchError(f"a trial of {workers} workers asks for {cpus:g} CPU and {gpus:g} GPU "
+                       f"per worker but the cluster holds {slots} such workers (nodes: "
+                       f"{have or 'none'}): lower --workers-per-trial / --cpus-per-worker / "
+                       "--gpus-per-worker, or add nodes that have them")

@@ -24,6 +24,7 @@ from qsearch.console import Display, Snapshot
 from qsearch.files import RAY_LOG_FILE, state_file
 from qsearch.final import best_row
 from qsearch.planning import Budgets, budget_text, plan_budgets
+from qsearch.schedule import scheduler_settings
 from qsearch.spec import Spec, duration_seconds, space_from_spec
 from qsearch.store import ResultsStore
 from qsearch.strategy import FINISHED, Proposal, Result, Strategy, create_strategy
@@ -72,6 +73,9 @@ class Runner:
         if stage == "final":
             self.budgets = Budgets(self.budgets.target, self.budgets.target, None)
         self.train = spec.final_train if stage == "final" else spec.train
+        self.schedule = scheduler_settings(spec) if stage == "search" else None
+        if self.schedule:  # evaluate (and checkpoint) exactly at the rungs
+            self.train = {**self.train, "eval_steps": self.schedule["rungs"]}
         self.strategy = strategy or create_strategy(
             spec.strategy, self.space, self.budgets.search, seed=spec.seed,
             **spec.strategy_kwargs)
@@ -115,6 +119,7 @@ class Runner:
         return {"spec": self.spec.to_dict(), "proposal": entry["proposal"],
                 "train": self.train, "budget": budget_text(self.budgets.search),
                 "resume_from": resume_from, "checkpoint_every_s": CHECKPOINT_EVERY_S,
+                "min_steps": self.schedule["min_steps"] if self.schedule else None,
                 "seed_offset": entry["proposal"]["params"].get("seed_offset", 0)}
 
     def started_trial(self, trial_id: str) -> None:
@@ -125,6 +130,8 @@ class Runner:
         """An intermediate report; True when the strategy wants the trial stopped. Reports
         that only carry a checkpoint (no evaluation) are not shown to the strategy."""
         entry = self.live.get(trial_id)
+        if entry:
+            entry["last_report"] = metrics
         if not entry or metrics.get("checkpoint"):
             return False
         return bool(self.strategy.should_stop(entry["origin"], metrics))
@@ -151,8 +158,12 @@ class Runner:
     def complete(self, trial_id: str, report: dict | None, error: bool) -> None:
         """A trial ended: tell the strategy, store the row. A trial that raised is stored
         by ``errored``, which the executor calls next with its error text. A trial the time
-        budget cut short is neither told nor stored: a resume runs it again."""
+        budget cut short is neither told nor stored: a resume runs it again. A trial a
+        scheduler ended while paused (HyperBand) comes without a report: its last
+        intermediate one stands for it."""
         entry = self.live.pop(trial_id)
+        if report is None and not error:
+            report = entry.get("last_report")
         if not error and not (report or {}).get("final") and self.remaining_s() == 0:
             self.cut[trial_id] = entry
             self.save_state()
@@ -183,7 +194,6 @@ class Runner:
     def _row(self, entry: dict, result: Result, report: dict, wall: float) -> dict:
         cand, m = result.candidate, result.metrics
         search = self.budgets.search
-        status = "stopped" if result.status == "ok" and m.get("stopped") else result.status
         return {
             "experiment_id": self.experiment_id, "trial_id": entry["origin"],
             "trial_index": entry["index"], "stage": self.stage,
@@ -199,7 +209,9 @@ class Runner:
                              if cand else None),
             "val_acc": result.val_acc, "test_acc": m.get("test_acc"),
             "train_seconds": m.get("train_seconds"), "wall_seconds": wall,
-            "node": report.get("node"), "status": status, "error": result.error,
+            "node": report.get("node") or report.get("node_ip"), "status": result.status,
+            "error": result.error,
+            "steps": result.fidelity,
             "seed": self.spec.seed + int(entry["proposal"]["params"].get("seed_offset", 0)),
             "spec_hash": self.spec.hash(), "metrics": m, "finished_at": time.time(),
         }
@@ -261,7 +273,7 @@ def connect(runner: Runner) -> None:
         from qsearch import ray_tune
 
         ray_tune.init_ray(runner.spec.address, runner.out)
-        ray_tune.check_resources(runner.spec.cpus_per_trial, runner.spec.gpus_per_trial)
+        ray_tune.check_resources(runner.spec)
 
 
 def execute_inline(runner: Runner, num_samples: int) -> None:
@@ -269,6 +281,9 @@ def execute_inline(runner: Runner, num_samples: int) -> None:
     same runner calls and trial code as under Ray Tune, no checkpoints, no retries."""
     from qsearch.trial import run_trial, scalar_metrics
 
+    if runner.spec.workers_per_trial > 1:
+        raise QSearchError(f"--workers-per-trial {runner.spec.workers_per_trial} runs each "
+                           "trial as a Ray Train job: run it with Ray, not inline")
     for i in range(num_samples):
         if runner.remaining_s() == 0:  # the time budget ends the sitting between trials
             return

@@ -74,9 +74,18 @@ class Spec:
     seed: int = 0
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
+    workers_per_trial: int = 1  # >1: a Ray Train TorchTrainer of that many DDP workers
+    cpus_per_worker: float | None = None  # each worker's CPUs (default 1)
+    gpus_per_worker: float | None = None  # each worker's GPUs (default 0: gloo on CPU)
+    bf16: bool = False  # autocast training steps to bfloat16 (opt-in until measured)
+    channels_last: bool = False  # NHWC memory order (opt-in until measured)
+    pin_memory: bool = False  # ImageFolder batches in page-locked memory (opt-in)
     concurrency: int | None = None  # default: as many as the cluster's CPUs allow
     max_failures: int = 2
     time_budget: str | None = None  # e.g. "90m": stop this sitting after that long
+    scheduler: str = "none"  # "asha" or "hyperband": Ray Tune's rung schedulers
+    min_steps: int | None = None  # first rung (default: trial length / reduction_factor**2)
+    reduction_factor: int = 3  # rungs at min_steps * reduction_factor**k
     address: str | None = None
     out: str | None = None
     final_seeds: int = 0  # retrain the final candidate at the target with this many seeds
@@ -93,6 +102,9 @@ class Spec:
         for ok, problem in self._rules():
             if not ok:
                 raise QSearchError(problem)
+        from qsearch.schedule import check_spec
+
+        check_spec(self)
 
     def _rules(self) -> list[tuple[bool, str]]:
         """(holds, what to say when it does not) for every value check of a spec."""
@@ -106,6 +118,7 @@ class Spec:
             (self.cpus_per_trial > 0 and self.gpus_per_trial >= 0, "resources per trial "
              f"invalid (cpus {self.cpus_per_trial}, gpus {self.gpus_per_trial}): cpus > 0, "
              "gpus >= 0"),
+            *self._worker_rules(),
             (self.concurrency is None or self.concurrency >= 1,
              f"concurrency = {self.concurrency}: must be at least 1"),
             (self.max_failures >= 0, f"max_failures = {self.max_failures}: retries of a "
@@ -129,6 +142,37 @@ class Spec:
              "give an id, e.g. --name fmnist-32KB, or leave it out for the directory name"),
         ]
 
+    def _worker_rules(self) -> list[tuple[bool, str]]:
+        """Checks of the data-parallel settings (see :meth:`worker_resources`)."""
+        n, cpus, gpus = self.workers_per_trial, self.cpus_per_worker, self.gpus_per_worker
+        given = [f"--{k.replace('_', '-')} {v:g}" for k, v in
+                 (("cpus_per_worker", cpus), ("gpus_per_worker", gpus)) if v is not None]
+        single = [f"--{k.replace('_', '-')} {v:g}" for k, v, default in
+                  (("cpus_per_trial", self.cpus_per_trial, 1.0),
+                   ("gpus_per_trial", self.gpus_per_trial, 0.0)) if v != default]
+        return [
+            (n >= 1, f"workers_per_trial = {n}: a trial runs on 1 worker (one process, the "
+             "default) or more (DDP), e.g. --workers-per-trial 2"),
+            (n > 1 or not given, f"{' and '.join(given)} need{'s' * (len(given) == 1)} "
+             "--workers-per-trial 2 or more: a single-process trial takes --cpus-per-trial / "
+             "--gpus-per-trial"),
+            (n == 1 or not single, f"{' and '.join(single)} with --workers-per-trial {n}: "
+             "each worker's resources are --cpus-per-worker / --gpus-per-worker (e.g. "
+             "--gpus-per-worker 1); --cpus/--gpus-per-trial are for single-process trials"),
+            ((cpus is None or cpus > 0) and (gpus is None or gpus >= 0), "resources per "
+             f"worker invalid (cpus {cpus}, gpus {gpus}): cpus > 0, gpus >= 0, e.g. "
+             "--cpus-per-worker 4 --gpus-per-worker 1"),
+            (gpus is None or gpus <= 0 or float(gpus).is_integer(), f"gpus_per_worker = "
+             f"{gpus}: DDP workers (NCCL) cannot share a GPU; give 0 (CPU workers, gloo) or "
+             "a whole number, e.g. --gpus-per-worker 1 (to share GPUs between trials, use "
+             "--gpus-per-trial 0.25 with --workers-per-trial 1)"),
+        ]
+
+    def worker_resources(self) -> tuple[float, float]:
+        """CPUs and GPUs of each worker of a data-parallel trial (defaults 1 and 0)."""
+        return (1.0 if self.cpus_per_worker is None else self.cpus_per_worker,
+                0.0 if self.gpus_per_worker is None else self.gpus_per_worker)
+
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "spec") -> Spec:
         if not isinstance(d, dict):
@@ -151,7 +195,9 @@ class Spec:
         """Identifies what was searched (excluding where and how it ran)."""
         keep = {k: v for k, v in self.to_dict().items()
                 if k not in ("address", "out", "name", "concurrency", "cpus_per_trial",
-                             "gpus_per_trial", "max_failures", "time_budget")}
+                             "gpus_per_trial", "max_failures", "time_budget",
+                             "workers_per_trial", "cpus_per_worker", "gpus_per_worker",
+                             "bf16", "channels_last", "pin_memory")}
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
 
 

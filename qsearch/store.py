@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from qsearch import QSearchError
 from qsearch.files import RESULTS_FILE
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2 added "steps"; version 1 files are read with it empty
 
 SCHEMA = pa.schema([
     ("experiment_id", pa.string()),
@@ -44,7 +44,8 @@ SCHEMA = pa.schema([
     ("train_seconds", pa.float64()),
     ("wall_seconds", pa.float64()),
     ("node", pa.string()),
-    ("status", pa.string()),
+    ("status", pa.string()),  # ok | stopped (early, by a scheduler) | failed | diverged
+    ("steps", pa.int64()),  # training steps behind val_acc (the trial's fidelity)
     ("error", pa.string()),
     ("seed", pa.int64()),
     ("spec_hash", pa.string()),
@@ -69,7 +70,10 @@ class ResultsStore:
                                "backup or start a new experiment") from None
         meta = table.schema.metadata or {}
         version = meta.get(b"qsearch_schema_version", b"0").decode(errors="replace")
-        if version != str(SCHEMA_VERSION):
+        if version == "1":
+            if "steps" not in table.column_names:
+                table = table.append_column("steps", pa.nulls(len(table), pa.int64()))
+        elif version != str(SCHEMA_VERSION):
             raise QSearchError(f"results file {where} has schema version {version[:20]}; "
                                f"this qsearch reads version {SCHEMA_VERSION}")
         fix = "restore it from a backup or start a new experiment"

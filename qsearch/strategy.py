@@ -55,13 +55,20 @@ class Proposal:
 @dataclass(frozen=True)
 class Result:
     """What a trial produced. ``candidate`` is the network it evaluated (for FracBits the
-    discretised one); ``metrics`` carries everything else the task reported."""
+    discretised one); ``metrics`` carries everything else the task reported.
 
-    status: str  # "ok" | "failed" | "diverged"
+    ``fidelity`` is the number of training steps behind ``val_acc`` (None for a trial that
+    trains nothing, or did not say). Status ``"stopped"``: a rung scheduler or the
+    strategy's ``should_stop`` ended the trial early, and ``val_acc`` is its accuracy at
+    that lower fidelity, not comparable with full-length results as is.
+    """
+
+    status: str  # "ok" | "stopped" | "failed" | "diverged"
     val_acc: float = float("nan")
     candidate: Candidate | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    fidelity: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -71,13 +78,19 @@ class Result:
         acc = float(self.val_acc)
         return {"status": self.status, "val_acc": acc if math.isfinite(acc) else None,
                 "candidate": self.candidate.to_dict() if self.candidate else None,
-                "metrics": self.metrics, "error": self.error}
+                "metrics": self.metrics, "error": self.error, "fidelity": self.fidelity}
 
     @classmethod
     def from_dict(cls, d: dict) -> Result:
         cand = Candidate.from_dict(d["candidate"]) if d.get("candidate") else None
         acc = float("nan") if d.get("val_acc") is None else float(d["val_acc"])
-        return cls(d["status"], acc, cand, dict(d.get("metrics") or {}), d.get("error"))
+        return cls(d["status"], acc, cand, dict(d.get("metrics") or {}), d.get("error"),
+                   d.get("fidelity"))
+
+    @property
+    def stopped(self) -> bool:
+        """Ended early with an accuracy at its (lower) fidelity."""
+        return self.status == "stopped" and math.isfinite(self.val_acc)
 
 
 class Strategy(ABC):
@@ -163,9 +176,11 @@ def failure_reason(result: Result) -> str:
 
 def record_result(done: dict[int, float], errors: dict[int, str], i: int,
                   result: Result) -> None:
-    """Cell ``i``'s accuracy into ``done`` (NaN when failed, with the reason in ``errors``)."""
-    done[i] = float(result.val_acc) if result.ok else float("nan")
-    if result.ok:
+    """Cell ``i``'s accuracy into ``done`` (NaN when failed, with the reason in ``errors``);
+    a cell stopped early keeps its accuracy at its fidelity."""
+    usable = result.ok or result.stopped
+    done[i] = float(result.val_acc) if usable else float("nan")
+    if usable:
         errors.pop(i, None)
     else:
         errors[i] = failure_reason(result)
@@ -187,6 +202,8 @@ class GridStrategy(Strategy):
     under the same ids and tells their results. ``done`` maps a cell index to its
     accuracy (NaN = failed, with the reason in ``errors``). The prelude's result is saved
     too: a resumed grid is planned again from it, never by running the prelude again.
+    A cell a scheduler stopped early keeps its accuracy, with its fidelity (steps trained)
+    in ``stopped_at``; the best cell is the best at the highest fidelity (``best_cell``).
     """
 
     def __init__(self, space: SearchSpace, budget: Budget, *, seed: int = 0):
@@ -194,6 +211,7 @@ class GridStrategy(Strategy):
         self.cells: list | None = None  # set by the subclass, or by plan() after the prelude
         self.done: dict[int, float] = {}
         self.errors: dict[int, str] = {}
+        self.stopped_at: dict[int, int] = {}  # cells stopped early -> steps trained
         self.inflight: dict[str, int] = {}
         self.prelude_trial: str | None = None  # the prelude's trial id, once proposed
         self.prelude_result: Result | None = None
@@ -245,13 +263,18 @@ class GridStrategy(Strategy):
             warnings.warn(f"{self.name}: result for unknown trial {trial_id!r} ignored",
                           stacklevel=2)
             return
-        record_result(self.done, self.errors, self.inflight.pop(trial_id), result)
+        i = self.inflight.pop(trial_id)
+        record_result(self.done, self.errors, i, result)
+        self.stopped_at.pop(i, None)
+        if result.stopped:
+            self.stopped_at[i] = int(result.fidelity or 0)
 
     def state_dict(self) -> dict:  # NaN is not JSON: failed cells are stored as null
         result = self.prelude_result
         return {**super().state_dict(), "inflight": dict(self.inflight),
                 "done": {str(i): a if math.isfinite(a) else None for i, a in self.done.items()},
                 "errors": {str(i): e for i, e in self.errors.items()},
+                "stopped_at": {str(i): n for i, n in self.stopped_at.items()},
                 "prelude": {"trial": self.prelude_trial, "planned": self.planned,
                             "result": result.to_dict() if result else None,
                             "cells": self.cells if self.planned else None}}
@@ -260,6 +283,7 @@ class GridStrategy(Strategy):
         super().load_state_dict(state)
         self.done = {int(i): float("nan") if a is None else a for i, a in state["done"].items()}
         self.errors = {int(i): e for i, e in state.get("errors", {}).items()}
+        self.stopped_at = {int(i): n for i, n in state.get("stopped_at", {}).items()}
         self.inflight = dict(state["inflight"])
         prelude = state.get("prelude") or {}
         self.prelude_trial = prelude.get("trial")
@@ -273,10 +297,26 @@ class GridStrategy(Strategy):
                     "the same settings, the trial limit included")
 
     def cell_status(self, i: int) -> str:
-        """Where cell ``i`` stands: "ok", "failed", "running" or "pending"."""
+        """Where cell ``i`` stands: "ok", "stopped", "failed", "running" or "pending"."""
         if i in self.done:
-            return "ok" if math.isfinite(self.done[i]) else "failed"
+            if not math.isfinite(self.done[i]):
+                return "failed"
+            return "stopped" if i in self.stopped_at else "ok"
         return "running" if i in self.inflight.values() else "pending"
+
+    def best_cell(self) -> int | None:
+        """The most accurate finished cell at the highest fidelity reached: full-length
+        cells if any, else those stopped at the most steps; the first in grid order on
+        ties. None when no cell has an accuracy."""
+        scored = [i for i in sorted(self.done) if math.isfinite(self.done[i])]
+        if not scored:
+            return None
+
+        def level(i: int) -> float:
+            return self.stopped_at.get(i, math.inf)
+
+        top = max(level(i) for i in scored)
+        return max((i for i in scored if level(i) == top), key=lambda i: self.done[i])
 
     def results(self) -> list[tuple[Any, float]]:
         """(cell, accuracy) for every finished cell, in grid order (NaN = failed)."""

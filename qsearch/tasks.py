@@ -25,9 +25,10 @@ _TASKS: dict[str, TaskFn] = {}
 class TaskContext:
     """Everything a task needs. ``report`` sends intermediate metrics (and, through
     ``state_fn``, a checkpointable state) to the runner and returns True when the runner
-    asks the trial to stop (``Strategy.should_stop``): the task then returns what it has,
-    with ``metrics["stopped"]`` True. ``restored`` is the last such state when a trial is
-    retried or resumed."""
+    asks the trial to stop (``Strategy.should_stop``, or a rung scheduler): the task then
+    returns what it has, with status ``"stopped"``. ``restored`` is the last such state
+    when a trial is retried or resumed. In a data-parallel trial every worker runs the task
+    with its ``shard`` (:class:`qsearch.parallel.Shard`); rank 0's result is the trial's."""
 
     space: SearchSpace
     proposal: Proposal
@@ -38,8 +39,16 @@ class TaskContext:
     device: str
     report: Callable[[dict, Callable[[], dict] | None], bool]
     restored: dict | None = None
-    trials_per_node: int = 1  # trials that may share this node's memory
+    trials_per_node: int = 1  # trials that may share this node's memory (or this GPU's)
     checkpoint_every_s: float | None = None  # also checkpoint between evaluations
+    shard: Any = None  # qsearch.parallel.Shard: this worker of a data-parallel trial
+    execution: Any = None  # qsearch.train.Execution: bf16, channels_last
+    pin_memory: bool = False  # ImageFolder batches in page-locked memory (GPU)
+
+    @property
+    def lead(self) -> bool:
+        """This process speaks for the trial (always, unless a non-zero rank)."""
+        return self.shard is None or self.shard.lead
 
     def train_config(self, **overrides):
         from qsearch.train_config import TrainConfig
@@ -54,18 +63,19 @@ class TaskContext:
 
         return train(model, splits or self.splits(), config or self.train_config(),
                      device=self.device, callback=self.report, start_state=self.restored,
-                     hooks=hooks, checkpoint_every_s=self.checkpoint_every_s)
+                     hooks=hooks, checkpoint_every_s=self.checkpoint_every_s,
+                     shard=self.shard, execution=self.execution)
 
     def splits(self):
         """The dataset splits, loaded once per worker process (device-resident when small)."""
         from qsearch.data import load_dataset
 
-        key = (self.space.dataset, self.device, self.seed,
+        key = (self.space.dataset, self.device, self.seed, self.pin_memory,
                tuple(sorted((k, str(v)) for k, v in self.data.items())))
         if key not in _SPLITS:
             _SPLITS.clear()
-            _SPLITS[key] = load_dataset(self.space.dataset, seed=self.seed,
-                                        device=self.device, **self.data)
+            _SPLITS[key] = load_dataset(self.space.dataset, seed=self.seed, device=self.device,
+                                        pin_memory=self.pin_memory, **self.data)
         return _SPLITS[key]
 
 
@@ -105,13 +115,14 @@ def train_candidate(ctx: TaskContext, candidate, *, scheme: str = "dualprecision
 
 
 def available_memory_bytes(device: str, trials_per_node: int = 1) -> float:
-    """Memory a trial may use: free GPU memory, or the node's available memory shared by
-    the trials that can run on it at once."""
+    """Memory a trial may use: the GPU's free memory, at most its share of the GPU (a
+    quarter with 0.25 GPU per trial), or the node's available memory shared by the trials
+    that can run on it at once."""
     import torch
 
     if device.startswith("cuda"):
-        free, _ = torch.cuda.mem_get_info()
-        return float(free)
+        free, total = torch.cuda.mem_get_info()
+        return float(min(free, total / max(1, trials_per_node)))
     with open("/proc/meminfo") as f:
         info = dict(line.split(":", 1) for line in f)
     return float(info["MemAvailable"].split()[0]) * 1024 / max(1, trials_per_node)
@@ -150,11 +161,9 @@ def train_task(ctx: TaskContext) -> Result:
     metrics = {**cost_metrics(ctx.space, cand, ctx.budget),
                "train_seconds": res.train_seconds, "steps": res.steps,
                "best_val_acc": res.best_val_acc, "task_seconds": time.perf_counter() - start,
-               "resumed_from_step": (ctx.restored or {}).get("step", 0),
-               "stopped": res.status == "stopped"}
-    if ctx.proposal.params.get("test") and res.status in ("ok", "stopped"):
+               "resumed_from_step": (ctx.restored or {}).get("step", 0)}
+    if ctx.proposal.params.get("test") and res.status in ("ok", "stopped") and ctx.lead:
         metrics["test_acc"], metrics["test_loss"] = evaluate(model, ctx.splits().test)
-    status = "ok" if res.status in ("ok", "stopped") else res.status
     acc = float("nan") if res.val_acc is None else res.val_acc
-    return Result(status, acc, cand, metrics,
-                  error=getattr(res, "reason", None) if status != "ok" else None)
+    error = getattr(res, "reason", None) if res.status == "diverged" else None
+    return Result(res.status, acc, cand, metrics, error=error, fidelity=res.steps)

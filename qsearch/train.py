@@ -11,7 +11,8 @@ state reproduces the uninterrupted run exactly (fast-path datasets). A non-finit
 the run at once with status ``"diverged"``.
 
 Trainers that need more (FracBits' penalty and learnable bit-widths, a supernet's sandwich
-rule) pass :class:`TrainHooks` to this one loop rather than copying it.
+rule) pass :class:`TrainHooks` to this one loop rather than copying it; a data-parallel
+trial runs it in each worker with a :class:`qsearch.parallel.Shard` (global batch rule there).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn as nn
@@ -30,8 +31,11 @@ from qsearch import QSearchError
 from qsearch.data import Split, Splits, num_batches
 from qsearch.train_config import TrainConfig
 
-__all__ = ["STATE_VERSION", "TrainConfig", "TrainHooks", "TrainResult", "evaluate", "lr_at",
-           "set_threads", "steps_per_epoch", "total_steps", "train"]
+if TYPE_CHECKING:
+    from qsearch.parallel import Shard
+
+__all__ = ["STATE_VERSION", "Execution", "TrainConfig", "TrainHooks", "TrainResult", "evaluate",
+           "lr_at", "set_threads", "steps_per_epoch", "total_steps", "train"]
 
 STATE_VERSION = 1
 
@@ -54,6 +58,16 @@ class TrainResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Execution:
+    """Device switches, opt-in until ``benchmarks/bench_gpu.py`` measures a gain: ``bf16``
+    autocasts training steps to bfloat16 (evaluation stays float32), ``channels_last`` keeps
+    the model and batches in NHWC memory order."""
+
+    bf16: bool = False
+    channels_last: bool = False
 
 
 def set_threads(n: int) -> None:
@@ -130,9 +144,13 @@ class TrainHooks:
       A supernet recalibrates BatchNorm here; FracBits adds its cost ratio and phase.
     - ``state_dict()`` / ``load_state_dict(state)``: the hooks' own resumable state, saved
       with the run's state and loaded before the model's (it may change the model's shape).
+    - ``data_parallel``: False for hooks that change the model's parameters during the run
+      (DDP registers them once): train() then refuses to run them on several workers.
 
     Rung-based early stopping needs no hook: the callback returns True at a losing rung.
     """
+
+    data_parallel = True
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         return []
@@ -197,6 +215,8 @@ def train(
     start_state: dict | None = None,
     hooks: TrainHooks | None = None,
     checkpoint_every_s: float | None = None,
+    shard: Shard | None = None,
+    execution: Execution | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``splits.train``; evaluate on ``splits.val``.
 
@@ -212,10 +232,16 @@ def train(
     seconds passed since it last was, with ``{"step", "epoch", "elapsed_s", "checkpoint":
     True}``: a long evaluation window still leaves recent states to resume from.
 
+    With a ``shard`` this is one worker of a data-parallel run: it trains its slice of each
+    global batch in DDP, calls the callback at the same steps as every worker, evaluates only
+    on rank 0, and rank 0's answers (stop, checkpoint now) hold for all. ``execution``: the
+    device switches (:class:`Execution`).
+
     A fresh run seeds torch's global RNG with ``config.seed`` (dropout, stochastic
     quantizers); the data order and augmentation draw from their own per-epoch generator.
     """
-    run = _Run(model, splits, config, hooks or TrainHooks(), device or splits.train.device)
+    run = _Run(model, splits, config, hooks or TrainHooks(), device or splits.train.device,
+               shard, execution or Execution())
     run.checkpoint_every_s = checkpoint_every_s
     if start_state is None:
         torch.manual_seed(config.seed)
@@ -228,14 +254,21 @@ class _Run:
     """The state of one :func:`train` call; its methods are the steps of the loop."""
 
     def __init__(self, model: nn.Module, splits: Splits, config: TrainConfig,
-                 hooks: TrainHooks, device: str):
+                 hooks: TrainHooks, device: str, shard: Shard | None, execution: Execution):
         self.model, self.splits, self.config, self.hooks, self.device = (
             model, splits, config, hooks, device)
+        self.shard, self.execution = shard, execution
         model.to(device)
+        if execution.channels_last:
+            model.to(memory_format=torch.channels_last)
         model.train()
         self.optimizer = _optimizer(model, config, hooks.param_groups(model))
         self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
         n_train = len(splits.train)
+        # what takes the training steps: the model, or the model in DDP on one of the workers
+        self.net = model if shard is None else shard.wrap(
+            model, n_train=n_train, batch_size=config.batch_size,
+            data_parallel=hooks.data_parallel, what=type(hooks).__name__)
         self.per_epoch = steps_per_epoch(n_train, config.batch_size)
         self.total = total_steps(config, n_train)
         self.eval_every = config.eval_every_steps or self.per_epoch
@@ -258,21 +291,21 @@ class _Run:
             batches = self.splits.train.batches(
                 cfg.batch_size, shuffle=True, augment=True, drop_last=self.drop_last,
                 generator=_epoch_generator(cfg.seed, self.step // self.per_epoch),
-                start=self.step % self.per_epoch,
+                start=self.step % self.per_epoch, shard=self.shard,
             )
             for x, y in batches:
                 diverged = self._update(x, y)
                 if diverged:
                     return self._result("diverged", diverged)
                 stop = self.hooks.after_step(self.step, self.model)
-                if self.step % self.eval_every and self.step < self.total and not stop:
-                    if self._checkpoint_due(callback) and callback(self._progress(), self.state):
+                if not self._eval_due() and not stop:
+                    if self._checkpoint_due(callback) and self._hand(callback, self._progress()):
                         return self._result("stopped", f"callback asked to stop at step "
                                             f"{self.step}")
                     continue
                 metrics = self._evaluate()
                 self.handed_t = time.perf_counter()
-                if callback is not None and callback(dict(metrics), self.state):
+                if callback is not None and self._hand(callback, dict(metrics)):
                     return self._result("stopped", f"callback asked to stop at step {self.step}")
                 if stop:
                     return self._result("stopped", f"hooks asked to stop at step {self.step}")
@@ -281,13 +314,26 @@ class _Run:
                     break
         return self._result("ok")
 
+    def _eval_due(self) -> bool:
+        if self.step >= self.total:
+            return True
+        if self.config.eval_steps is not None:
+            return self.step in self.config.eval_steps
+        return self.step % self.eval_every == 0
+
     def _checkpoint_due(self, callback) -> bool:
         if callback is None or self.checkpoint_every_s is None:
             return False
-        if time.perf_counter() - self.handed_t < self.checkpoint_every_s:
-            return False
-        self.handed_t = time.perf_counter()
-        return True
+        due = time.perf_counter() - self.handed_t >= self.checkpoint_every_s
+        due = due if self.shard is None else self.shard.agree(due)  # rank 0's clock decides
+        if due:
+            self.handed_t = time.perf_counter()
+        return due
+
+    def _hand(self, callback, metrics: dict) -> bool:
+        """Hand ``metrics`` and the state to the callback; True: stop (rank 0's answer)."""
+        stop = bool(callback(metrics, self.state))
+        return stop if self.shard is None else self.shard.agree(stop)
 
     def _progress(self) -> dict:
         return {"step": self.step, "epoch": self.step / self.per_epoch,
@@ -296,21 +342,28 @@ class _Run:
     def _update(self, x: torch.Tensor, y: torch.Tensor) -> str | None:
         """One optimiser step; the reason when the loss is not finite (no step taken)."""
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        if self.execution.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         lr = lr_at(self.step, self.total, self.config)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         self.optimizer.zero_grad(set_to_none=True)
-        task, terms = self.hooks.forward_backward(self.model, x, y, self.criterion, self.step)
+        with torch.autocast(torch.device(self.device).type, torch.bfloat16,
+                            enabled=self.execution.bf16):
+            task, terms = self.hooks.forward_backward(self.net, x, y, self.criterion, self.step)
         values = {"train_loss": float(task), **{k: float(v) for k, v in terms.items()}}
+        n = len(y) * (self.shard.world if self.shard else 1)
+        if self.shard is not None:  # the global batch's losses, the same on every worker
+            values = dict(zip(values, self.shard.mean(list(values.values()))))
         loss = sum(values.values())
         if not math.isfinite(loss):
             return f"loss {loss} at step {self.step} (lr {lr:.3g})"
         self.optimizer.step()
         self.step += 1
-        self.images_seen += len(y)
-        self.window_n += len(y)
+        self.images_seen += n
+        self.window_n += n
         for k, v in values.items():
-            self.window_sums[k] = self.window_sums.get(k, 0.0) + v * len(y)
+            self.window_sums[k] = self.window_sums.get(k, 0.0) + v * n
         return None
 
     def _evaluate(self) -> dict:
@@ -321,13 +374,15 @@ class _Run:
                    **{k: s / n for k, s in self.window_sums.items()},
                    "lr": lr_at(self.step - 1, self.total, self.config),
                    "images_per_s": n / train_s if train_s > 0 else 0.0}
-        metrics.update(self.hooks.evaluate(self.model, self.splits, dict(metrics),
-                                           batch_size=self.config.eval_batch_size,
-                                           device=self.device))
+        if self.shard is None or self.shard.lead:  # rank 0 evaluates for every worker
+            metrics.update(self.hooks.evaluate(self.model, self.splits, dict(metrics),
+                                               batch_size=self.config.eval_batch_size,
+                                               device=self.device))
         acc = metrics.get("val_acc")
         if acc is not None:
             self.best = acc if self.best is None else max(self.best, acc)
         metrics["elapsed_s"] = self._elapsed()
+        metrics["last"] = self.step >= self.total
         self.history.append(metrics)
         self._new_window()
         return metrics

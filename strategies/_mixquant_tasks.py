@@ -148,9 +148,9 @@ def ptq_task(ctx: TaskContext) -> Result:
     if p["finetune_steps"]:
         ft = ctx.train_config(epochs=None, steps=p["finetune_steps"], lr=p["finetune_lr"])
         res = ctx.train_model(model, ft, splits=splits)
-        status = "ok" if res.status in ("ok", "stopped") else res.status
+        status = res.status
         acc = float("nan") if res.val_acc is None else res.val_acc
-        error = res.reason if status != "ok" else None
+        error = res.reason if status == "diverged" else None
         metrics.update(train_seconds=res.train_seconds, steps=res.steps)
     metrics["task_seconds"] = time.perf_counter() - start
     return Result(status, acc, cand, metrics, error=error)

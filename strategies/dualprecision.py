@@ -89,17 +89,16 @@ class DualPrecision(GridStrategy):
         cells = []
         for i, (cell, aligned) in enumerate(zip(self.cells, self.aligned)):
             status = self.cell_status(i)
-            acc = self.done[i] if status == "ok" else None
+            acc = self.done[i] if status in ("ok", "stopped") else None
             table[rows.index(cell.get("depthwise"))][cols.index(cell.get("other"))] = acc
             cells.append({**cell, "status": status, "val_acc": acc,
+                          "stopped_at_step": self.stopped_at.get(i),
                           "width": aligned.candidate.width, "cost": aligned.cost,
                           "budget_ratio": aligned.ratio, "error": self.errors.get(i)})
         cells += [{**cell, "status": "infeasible", "val_acc": None, "error": why}
                   for cell, why in self.infeasible]
-        ok = [i for i in range(len(self.cells)) if self.cell_status(i) == "ok"]
-        best = None
-        if ok:
-            i = max(ok, key=lambda j: self.done[j])  # first in grid order on ties
+        i, best = self.best_cell(), None
+        if i is not None:
             best = {**self.cells[i], "val_acc": self.done[i],
                     "candidate": self.aligned[i].candidate.to_dict()}
         return {"rows": "depthwise", "cols": "other", "row_bits": rows, "col_bits": cols,
@@ -117,4 +116,9 @@ class DualPrecision(GridStrategy):
                      ("*" if (best.get("depthwise"), best.get("other")) == (r, c) else "")
                      + f"{acc:.2%}" for c, acc in zip(s["col_bits"], accs)]
             lines.append(f"  {'n/a' if r is None else r:>11} " + "".join(map(fmt, cells)))
+        early = [f"dw {c.get('depthwise', 'n/a')} / other {c.get('other', 'n/a')} at "
+                 f"{c['stopped_at_step']} steps" for c in s["cells"] if c["status"] == "stopped"]
+        if early:
+            lines.append("  stopped early by the scheduler (accuracy at that fidelity): "
+                         + "; ".join(early))
         return "\n".join(lines)

@@ -169,6 +169,8 @@ class FracBitsHooks(TrainHooks):
     """What FracBits adds to :func:`~qsearch.train.train`: the penalty, the bit-widths' group,
     clamping and discretisation, cost ratio and phase per evaluation, the bits history."""
 
+    data_parallel = False  # discretising replaces the model's bit-width parameters mid-run
+
     def __init__(self, run: FracBitsRun, *, search_steps: int, signature: dict):
         self.run, self.search_steps, self.signature = run, search_steps, signature
         self.bits_steps, self.bits_history = [0], [run.layer_bits()]
@@ -260,7 +262,7 @@ def fracbits_task(ctx: TaskContext) -> Result:
                             "phase": "discretised"})
     cand, extra = run.candidate()
     metrics = {**cost_metrics(ctx.space, cand, ctx.budget), **extra, **hooks.metrics(res, start),
-               "searched_bits": run.discrete["searched_bits"], "stopped": res.status == "stopped"}
+               "searched_bits": run.discrete["searched_bits"]}
     if run.a_param is not None:
         metrics["searched_a_bits"] = run.discrete["searched_a"]
-    return Result("ok", res.history[-1]["val_acc"], cand, metrics)
+    return Result(res.status, res.history[-1]["val_acc"], cand, metrics, fidelity=res.steps)

@@ -200,7 +200,10 @@ class HAQ(Strategy):
                                       "sigma": None if warm else self.sigma(episode)})
 
     def _accuracy(self, result: Result) -> float | None:
-        """Accuracy in percent for the reward, or None to drop the episode."""
+        """Accuracy in percent for the reward, or None to drop the episode. Only
+        full-length results are rewarded: an episode a scheduler stopped early has an
+        accuracy at fewer steps, not comparable with the others (HAQ's reward is the
+        accuracy difference between episodes), so it teaches the agent nothing."""
         if result.ok:
             return 100.0 * result.val_acc
         if result.status == "diverged":
@@ -216,6 +219,8 @@ class HAQ(Strategy):
         acc = self._accuracy(result)
         record = {"episode": episode["episode"], "bits": episode["bits"],
                   "accuracy": acc, "reward": None}
+        if result.stopped:
+            record["stopped_at_step"] = result.fidelity
         self.history.append(record)
         if acc is None:
             return

@@ -264,14 +264,13 @@ class MixQuant(GridStrategy):
             rows += [{"qem": qem, "bits": cell["bits"], "mean_bits": self._mean_bits(cand),
                       "candidate": i, "width": cand.width,
                       "cost": self.space.cost(cand, self.budget.kind), "status": status,
-                      "val_acc": self.done[i] if status == "ok" else None,
+                      "val_acc": self.done[i] if status in ("ok", "stopped") else None,
+                      "stopped_at_step": self.stopped_at.get(i),
                       "error": self.errors.get(i)} for qem in cell["qems"]]
         rows += [{**e, "candidate": None, "status": "infeasible"} for e in self.infeasible]
         rows.sort(key=lambda r: r["qem"])
-        ok = [i for i, a in self.done.items() if math.isfinite(a)]
-        best = None
-        if ok:
-            i = max(ok, key=lambda j: self.done[j])
+        i, best = self.best_cell(), None
+        if i is not None:
             best = {"qems": self.cells[i]["qems"], "val_acc": self.done[i],
                     "candidate": self.candidates[i].to_dict()}
         return {"mode": self.mode, "budget": str(self.budget),

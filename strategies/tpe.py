@@ -175,11 +175,39 @@ class TPE(Strategy):
         raise QSearchError(f"tpe: {MAX_RESAMPLES} proposals in a row do not fit the budget "
                            f"{self.budget}: raise the budget or drop the largest bit choices")
 
+    def should_stop(self, trial_id: str, metrics: dict) -> bool:
+        """Each evaluation of a running trial becomes an Optuna intermediate value
+        (``Trial.report(val_acc, step)``); the stopping is left to the rung scheduler."""
+        acc, step = metrics.get("val_acc"), metrics.get("step")
+        if isinstance(acc, (int, float)) and math.isfinite(acc) and step:
+            self._report(trial_id, float(acc), int(step))
+        return False
+
+    def _report(self, trial_id: str, acc: float, step: int) -> None:
+        if self.objective != "accuracy" or trial_id not in self.trials:
+            return  # Optuna keeps intermediate values for single-objective studies only
+        frozen = self.study.get_trials(deepcopy=False)[self.trials[trial_id]]
+        if step in frozen.intermediate_values:
+            return
+        import optuna
+
+        # a trial continued after a resume has no live Trial object: make one for it
+        trial = self._live.get(trial_id) or optuna.trial.Trial(self.study, frozen._trial_id)
+        trial.report(acc, step)
+
     def tell(self, trial_id: str, result: Result) -> None:
+        """A full-length result completes the Optuna trial; one a scheduler stopped early
+        is told as PRUNED with its accuracy as the last intermediate value (Optuna's TPE
+        ranks pruned trials below complete ones, by steps reached, then value)."""
         from optuna.trial import TrialState
 
         if trial_id not in self.trials:
             warnings.warn(f"tpe: result for unknown trial {trial_id!r} ignored", stacklevel=2)
+            return
+        if result.stopped:
+            self._report(trial_id, float(result.val_acc), int(result.fidelity or 0))
+            self._live.pop(trial_id, None)
+            self.study.tell(self.trials.pop(trial_id), state=TrialState.PRUNED)
             return
         number = self.trials.pop(trial_id)
         trial = self._live.pop(trial_id, None)
@@ -213,6 +241,7 @@ class TPE(Strategy):
                                       for k, d in t.distributions.items()}
             state["history"] = [
                 {"number": t.number, "state": t.state.name, "values": t.values,
+                 "intermediate": [[k, v] for k, v in t.intermediate_values.items()],
                  "params": t.params, "user_attrs": t.user_attrs,
                  "system_attrs": t.system_attrs} for t in trials]
         return state
@@ -240,6 +269,7 @@ class TPE(Strategy):
                 st = TrialState[t["state"]]
                 self.study.add_trial(create_trial(
                     state=st, values=t["values"] if st == TrialState.COMPLETE else None,
+                    intermediate_values={int(k): v for k, v in t.get("intermediate", [])},
                     params=t["params"], distributions={k: dists[k] for k in t["params"]},
                     user_attrs=t["user_attrs"], system_attrs=t["system_attrs"]))
         self.trials = {tid: int(n) for tid, n in state["trials"].items()}
@@ -263,6 +293,7 @@ class TPE(Strategy):
             "study_name": self.study_name, "storage": self.storage,
             "objective": self.objective, "per": self.per, "n_complete": len(done),
             "n_failed": sum(t.state == TrialState.FAIL for t in trials),
+            "n_pruned": sum(t.state == TrialState.PRUNED for t in trials),
             "n_infeasible": sum("infeasible" in t.user_attrs for t in trials)}
         if not done:
             return {**out, "best": None, **({"front": []} if self.objective == "pareto" else {})}

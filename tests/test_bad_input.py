@@ -58,6 +58,41 @@ CASES = [  # (argv, text the one-line message must contain); "--steps 5" added u
     (["--budget", "6KB", "--gpus-per-trial", "-1"], "gpus -1.0"),
     (["--budget", "6KB", "--gpus-per-trial", "inf"], "'gpus_per_trial' = inf must be a finite"),
     (["--budget", "6KB", "--concurrency", "0"], "concurrency = 0"),
+    (["--budget", "6KB", "--workers-per-trial", "0"], "workers_per_trial = 0: a trial runs on"),
+    (["--budget", "6KB", "--workers-per-trial", "two"], "invalid int value: 'two'"),
+    (["--budget", "6KB", "--workers-per-trial", "4", "--batch-size", "30"],
+     "train batch size 30 does not split over --workers-per-trial 4: the batch size is the "
+     "global batch of one step, each worker trains 1/4 of it; use a multiple of 4, e.g. "
+     "--batch-size 28"),
+    (["--budget", "6KB", "--cpus-per-worker", "2"], "--cpus-per-worker 2 needs "
+     "--workers-per-trial 2 or more"),
+    (["--budget", "6KB", "--workers-per-trial", "2", "--gpus-per-trial", "1"],
+     "--gpus-per-trial 1 with --workers-per-trial 2: each worker's resources are "
+     "--cpus-per-worker / --gpus-per-worker"),
+    (["--budget", "6KB", "--workers-per-trial", "2", "--cpus-per-worker", "0"],
+     "resources per worker invalid (cpus 0.0"),
+    (["--budget", "6KB", "--workers-per-trial", "2", "--cpus-per-worker", "nan"],
+     "'cpus_per_worker' = nan must be a finite"),
+    (["--budget", "6KB", "--workers-per-trial", "2", "--gpus-per-worker", "0.5"],
+     "gpus_per_worker = 0.5: DDP workers (NCCL) cannot share a GPU"),
+    (["--budget", "6KB", "--workers-per-trial", "2", "--gpus-per-worker", "-1"],
+     "resources per worker invalid (cpus None, gpus -1.0)"),
+    (["--budget", "6KB", "--scheduler", "pbt"], "scheduler 'pbt' not known: choose one of "
+     "none, asha, hyperband"),
+    (["--budget", "6KB", "--scheduler", "asha", "--epochs", "1"], "--scheduler asha needs "
+     "the trial length in steps"),
+    (["--budget", "6KB", "--scheduler", "asha", "--steps", "90", "--min-steps", "90"],
+     "--min-steps 90 with --max-steps 90: the first rung must be"),
+    (["--budget", "6KB", "--scheduler", "asha", "--steps", "90", "--min-steps", "0"],
+     "--min-steps 0 with --max-steps 90"),
+    (["--budget", "6KB", "--scheduler", "asha", "--steps", "90", "--reduction-factor", "1"],
+     "reduction factor 1: give an integer of 2 or more"),
+    (["--budget", "6KB", "--scheduler", "hyperband", "--steps", "100", "--min-steps", "10"],
+     "--max-steps 100 is not --min-steps 10 times a power of --reduction-factor 3; e.g. "
+     "--max-steps 90"),
+    (["--budget", "6KB", "--min-steps", "10"], "--min-steps 10 needs a rung scheduler"),
+    (["--budget", "6KB", "--steps", "30", "--max-steps", "90"], "--steps 30 and --max-steps "
+     "90 both give the trial length"),
     (["--budget", "6KB", "--max-failures", "-5"], "max_failures = -5: retries of a failed"),
     (["--budget", "6KB", "--final-seeds", "-1"], "final_seeds = -1"),
     (["--budget", "6KB", "--strategy-arg", "colour"], "'colour' must look like key=value"),
@@ -207,7 +242,7 @@ def test_results_of_a_directory_without_a_store(tmp_path, capsys):
 SPEC = json.dumps({"budget": "6KB", "dataset": "synthetic"})
 
 
-def _table(columns: dict, version: str = "1") -> pa.Table:
+def _table(columns: dict, version: str = "2") -> pa.Table:
     return pa.table(columns).replace_schema_metadata({"qsearch_schema_version": version})
 
 
@@ -218,7 +253,7 @@ DIR_CASES = [  # (spec.json text or bytes, results table or None, command, expec
     (b"\xff\xfe binary", None, "resume", "spec.json' is corrupted"),
     (b"\xff\xfe binary", None, "leaderboard", "spec.json is unreadable"),
     ('{"budget": "6KB", "seed": -1}', None, "resume", "seed = -1"),
-    *[(SPEC, _table({"a": [1, 2]}), cmd, "does not hold qsearch results (it lacks 28")
+    *[(SPEC, _table({"a": [1, 2]}), cmd, "does not hold qsearch results (it lacks 29")
       for cmd in ("results", "leaderboard", "resume")],
     *[(SPEC, _table({n: ["x"] for n in SCHEMA.names}), cmd, "has columns of the wrong type")
       for cmd in ("results", "leaderboard", "resume")],
@@ -255,6 +290,12 @@ def experiment(tmp_path_factory) -> Path:
     ("export", "{tmp}/m.st", ["--steps", "5", "--epochs", "1"], "--steps and --epochs both"),
     ("export", "{tmp}/m.st", ["--epochs", "nan"], "export setting 'epochs' = nan"),
     ("export", "{tmp}/m.st", ["--steps", "10000000000"], "steps = 1e+10 is beyond"),
+    ("export", "{tmp}/m.onnx", ["--format", "tflite"],
+     "export format 'tflite' not known: choose safetensors (the default, qsearch's packed "
+     "file) or onnx (integer weights for ONNX Runtime), e.g. --format onnx"),
+    ("export", "{tmp}/m.onnx", ["--format", "ONNX"], "format 'ONNX' not known"),
+    ("export", "{tmp}", ["--format", "onnx"],
+     "export file '{tmp}' is a directory: give a file name, e.g. -o model.onnx"),
 ])
 def test_bad_output_files(command, output, extra, expected, experiment, tmp_path, capsys):
     """Checked before the report is drawn or the export trains, not after."""
@@ -291,6 +332,8 @@ def real_run(*args, tmp_path) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("flags, expected", [
     (["--cpus-per-trial", "1000"], "asks for 1000 CPU and 0 GPU but no node"),
     (["--gpus-per-trial", "1.5"], "asks for 1 CPU and 1.5 GPU but no node"),
+    (["--workers-per-trial", "2", "--gpus-per-worker", "1"], "a trial of 2 workers asks for 1 "
+     "CPU and 1 GPU per worker but the cluster holds 0 such workers"),
 ])
 def test_a_trial_no_node_can_fit_is_refused_before_anything_is_written(flags, expected,
                                                                         tmp_path):

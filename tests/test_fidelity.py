@@ -12,7 +12,14 @@ import pytest
 
 from qsearch import QSearchError
 from qsearch.budget import parse_budget
-from qsearch.fidelity import bootstrap_ci, cpu_hours, fidelity_report, format_report
+from qsearch.fidelity import (
+    bootstrap_ci,
+    budget_report,
+    cpu_hours,
+    fidelity_report,
+    format_budget_report,
+    format_report,
+)
 from qsearch.space import SearchSpace
 from qsearch.strategy import FINISHED, Result, create_strategy
 
@@ -74,6 +81,26 @@ def test_table_says_cannot_tell_and_markdown_works():
         fidelity_report([{"stage": "search", "metrics": "{}"}])
 
 
+def with_bits(rows, bits_of=lambda i: [8, i % 4 + 1, 8]):
+    for r in rows:
+        r["candidate"] = json.dumps({"w_bits": bits_of(json.loads(r["metrics"])
+                                                       ["candidate_index"])})
+    return rows
+
+
+def test_budget_report_compares_the_same_bits_at_two_budgets():
+    small = with_bits(rows_for([0.1, 0.2, 0.3, 0.4, 0.5, 0.6], LONG))
+    large = with_bits(rows_for([0.6, 0.5, 0.4, 0.3, 0.2, 0.1], LONG))
+    short, longest = budget_report(small, large, resamples=200)
+    assert short["tau"] == pytest.approx(-1.0) and longest["tau"] == pytest.approx(1.0)
+    assert short["winner_small"] == "c5" and short["winner_large"] == "c0"
+    text = format_budget_report([short, longest], "t")
+    assert "cannot tell" in text and "agrees" in text
+    other = with_bits(rows_for(LONG, LONG), bits_of=lambda i: [8, 1, 8])
+    with pytest.raises(QSearchError, match="same --seed and --candidates"):
+        budget_report(small, other)
+
+
 @pytest.fixture(scope="module")
 def space():
     return SearchSpace("resnet20", "synthetic")
@@ -120,6 +147,8 @@ def test_bad_values_are_refused_before_anything_is_written(tmp_path):
         r = qsearch("fidelity", "--budget", "6KB", "--out", str(out), *bad)
         assert r.returncode == 2 and what in r.stderr and len(r.stderr.splitlines()) == 1
     assert not out.exists()
+    r = qsearch("fidelity", "--compare", str(out), str(tmp_path / "other"))
+    assert r.returncode == 2 and "holds no finished trials" in r.stderr
 
 
 def test_end_to_end_run_stores_rows_and_prints_the_table(tmp_path):
@@ -135,6 +164,13 @@ def test_end_to_end_run_stores_rows_and_prints_the_table(tmp_path):
     assert sorted((m["length"], m["candidate_index"]) for m in metrics) == \
         [(n, c) for n in (5, 10) for c in range(3)]
     assert sorted(m["steps"] for m in metrics) == [5, 5, 5, 10, 10, 10]  # trained that long
+    big = tmp_path / "fid-big"
+    r = qsearch("fidelity", "--dataset", "synthetic", "--budget", "8KB", "--candidates", "3",
+                "--steps", "5,10", "--batch-size", "32", "--out", str(big))
+    assert r.returncode == 0, r.stderr
+    both = qsearch("fidelity", "--compare", str(out), str(big))
+    assert both.returncode == 0, both.stderr
+    assert "ranking at 6KB against 8KB" in both.stdout and "| 10 | 3 |" in both.stdout
     md = qsearch("fidelity", "--report", str(out), "--format", "md")
     assert md.returncode == 0 and "| steps | trials |" in md.stdout
     assert math.isfinite(float(md.stdout.split("| 5 | 3 | ")[1].split(" |")[0]))  # CPU-h

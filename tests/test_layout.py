@@ -1,5 +1,6 @@
-"""The code's shape, as the project keeps it: only the runner imports the Ray adapter, and
-functions and modules stay small enough to read (the argparse builder excepted)."""
+"""The code's shape, as the project keeps it: only the runner imports the Ray adapter (whose
+Ray Train part only the adapter imports), and functions and modules stay small enough to
+read (the argparse builder excepted)."""
 
 import ast
 from pathlib import Path
@@ -31,6 +32,11 @@ def test_only_the_runner_imports_the_ray_adapter():
 def test_only_the_ray_adapter_imports_ray():
     users = [p.name for p in SOURCES
              if any(m == "ray" or m.startswith("ray.") for m in imported_modules(p))]
+    assert users == ["ray_train.py", "ray_tune.py"]
+
+
+def test_only_the_ray_adapter_imports_its_ray_train_part():
+    users = [p.name for p in SOURCES if "qsearch.ray_train" in imported_modules(p)]
     assert users == ["ray_tune.py"]
 
 

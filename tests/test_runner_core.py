@@ -51,12 +51,16 @@ def test_budget_text_reads_back_exactly():
 
 
 # ----- final stage ------------------------------------------------------------------------
-def test_best_row_skips_failed_stopped_and_nan():
-    rows = [{"status": "ok", "candidate": "c", "val_acc": 0.5},
-            {"status": "stopped", "candidate": "c", "val_acc": 0.9},
-            {"status": "ok", "candidate": "c", "val_acc": float("nan")},
-            {"status": "failed", "candidate": None, "val_acc": None}]
-    assert best_row(rows) is rows[0] and best_row(rows[1:]) is None
+def test_best_row_is_the_best_at_the_highest_fidelity_reached():
+    rows = [{"status": "ok", "candidate": "c", "val_acc": 0.5, "steps": 90},
+            {"status": "stopped", "candidate": "c", "val_acc": 0.9, "steps": 30},
+            {"status": "stopped", "candidate": "c", "val_acc": 0.7, "steps": 10},
+            {"status": "stopped", "candidate": "c", "val_acc": 0.6, "steps": 30},
+            {"status": "ok", "candidate": "c", "val_acc": float("nan"), "steps": 90},
+            {"status": "failed", "candidate": None, "val_acc": None, "steps": None}]
+    assert best_row(rows) is rows[0]  # a full-length trial beats any stopped one
+    assert best_row(rows[1:]) is rows[1]  # else the best of those stopped at the most steps
+    assert best_row(rows[4:]) is None
 
 
 def test_seed_summary_mean_and_sample_std():

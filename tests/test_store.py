@@ -25,8 +25,20 @@ def test_rows_are_written_as_they_come_and_readable_without_qsearch(tmp_path):
         assert store.append(row(i))
         assert len(pd.read_parquet(tmp_path / FILENAME)) == i + 1
     meta = pq.read_schema(tmp_path / FILENAME).metadata
-    assert meta[b"qsearch_schema_version"] == b"1"
+    assert meta[b"qsearch_schema_version"] == b"2"
     assert ResultsStore(tmp_path).rows == store.rows
+
+
+def test_version_1_files_read_with_their_steps_unknown_and_are_kept_on_append(tmp_path):
+    store = ResultsStore(tmp_path)
+    store.append(row(0, steps=10))
+    table = pq.read_table(tmp_path / FILENAME).drop_columns(["steps"])
+    pq.write_table(table.replace_schema_metadata({"qsearch_schema_version": "1"}),
+                   tmp_path / FILENAME)
+    old = ResultsStore(tmp_path)
+    assert old.rows[0]["steps"] is None and old.rows[0]["val_acc"] == 0.5
+    old.append(row(1, steps=20))
+    assert [r["steps"] for r in ResultsStore(tmp_path).rows] == [None, 20]
 
 
 def test_records_are_immutable_once_written(tmp_path):

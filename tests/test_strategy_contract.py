@@ -119,6 +119,73 @@ def test_unknown_strategy_option_is_an_error(space):
         create_strategy("uniform", space, BUDGET, bits=[2], colour="blue")
 
 
+# ----- early-stopped results (a rung scheduler ended the trial) -------------------------
+def stopped_early(space, proposal: Proposal) -> Result:
+    """A ``train`` trial ended at its first rung, with a lower accuracy at 4 steps; other
+    tasks are never stopped by a scheduler (they are off the ladder) and really run."""
+    full = evaluate(space, proposal)
+    if proposal.task != "train":
+        return full
+    return Result("stopped", full.val_acc - 0.2, full.candidate, {"step": 4}, fidelity=4)
+
+
+def test_early_stopped_results_are_handled_and_survive_a_state_round_trip(name, space):
+    s = make(name, space)
+    for i in range(4):
+        p = s.ask(f"s{i}")
+        if p in (FINISHED, None):
+            break
+        s.tell(f"s{i}", stopped_early(space, p))
+    state = json.loads(json.dumps(s.state_dict()))
+    again = make(name, space)
+    again.load_state_dict(state)
+    assert drive(again, space, 3) == drive(s, space, 3)
+
+
+def test_tpe_tells_a_stopped_trial_as_pruned_with_its_intermediate_values(space):
+    from optuna.trial import TrialState
+
+    s = make("tpe", space)
+    p = s.ask("a")
+    assert s.should_stop("a", {"step": 2, "val_acc": 0.3}) is False  # Tune's scheduler stops
+    result = stopped_early(space, p)
+    s.tell("a", result)
+    (trial,) = s.study.get_trials(deepcopy=False)
+    assert trial.state == TrialState.PRUNED
+    assert trial.intermediate_values == {2: 0.3, 4: result.val_acc}
+    again = make("tpe", space)
+    again.load_state_dict(json.loads(json.dumps(s.state_dict())))
+    (kept,) = again.study.get_trials(deepcopy=False)
+    assert kept.state == TrialState.PRUNED
+    assert kept.intermediate_values == trial.intermediate_values
+
+
+def test_haq_rewards_only_full_length_episodes(space):
+    s = make("haq", space)
+    p, q = s.ask("a"), s.ask("b")
+    s.tell("a", stopped_early(space, p))
+    s.tell("b", evaluate(space, q))
+    stopped, full = s.history
+    assert stopped["reward"] is None and stopped["stopped_at_step"] == 4
+    assert full["reward"] is not None
+
+
+def test_grid_best_cell_is_the_best_at_the_highest_fidelity(space):
+    s = make("uniform", space)
+    for i, result in enumerate([Result("stopped", 0.9, fidelity=4),
+                                Result("ok", 0.5, fidelity=36),
+                                Result("stopped", 0.95, fidelity=12)]):
+        s.ask(str(i))
+        s.tell(str(i), result)
+    assert [s.cell_status(i) for i in range(3)] == ["stopped", "ok", "stopped"]
+    assert s.best_cell() == 1  # the only full-length cell, though less accurate
+    s.done.pop(1)
+    assert s.best_cell() == 2  # else the one stopped at the most steps
+    restored = make("uniform", space)
+    restored.load_state_dict(json.loads(json.dumps(s.state_dict())))
+    assert restored.stopped_at == {0: 4, 2: 12}
+
+
 # ----- GridStrategy's prelude hook ----------------------------------------------------
 class Prelude(GridStrategy):
     """A grid planned from a prelude trial: the prelude reports ``n``, the cells are 0..n-1

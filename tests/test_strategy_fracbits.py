@@ -317,7 +317,7 @@ def test_task_resumes_exactly_from_a_reported_state(tiny, resume_at):
 def test_task_stopped_during_search_still_returns_a_fitting_model(tiny):
     budget = budget_at(tiny, "size")
     result = fracbits_task(context(tiny, budget, {}, report=lambda m, s: True))
-    assert result.ok and result.metrics["stopped"] and result.metrics["steps"] == 4
+    assert result.stopped and result.fidelity == 4 and result.metrics["steps"] == 4
     assert tiny.c_size(result.candidate) <= budget.value
 
 
