@@ -54,16 +54,24 @@ def driver_trainable(trial_fn):
 
     class TrainDriver(wrap_function(trial_fn)):
         def cleanup(self):
-            board, ended = _RUNS.get(self.trial_id, (None, None))
-            if ended is not None and not ended.is_set():
-                board.end.remote(self.trial_id)
-                if not ended.wait(END_TIMEOUT_S):
-                    logging.getLogger(__name__).warning(
-                        "the Train run of trial %s did not end within %.0f s", self.trial_id,
-                        END_TIMEOUT_S)
+            # this class travels to the actor by value, end_run by reference: the registry
+            # it reads is the one of the actor's process
+            end_run(self.trial_id)
             super().cleanup()
 
     return TrainDriver
+
+
+def end_run(trial_id: str) -> None:
+    """End the Train run of ``trial_id`` if it runs in this process: mark the trial ended
+    on the board (rank 0 stops at its next report) and wait for the workers to shut down."""
+    board, ended = _RUNS.get(trial_id, (None, None))
+    if ended is None or ended.is_set():
+        return
+    board.end.remote(trial_id)
+    if not ended.wait(END_TIMEOUT_S):
+        logging.getLogger(__name__).warning("the Train run of trial %s did not end within "
+                                            "%.0f s", trial_id, END_TIMEOUT_S)
 
 
 def fit_trial(config: dict[str, Any], *, board, trial_id: str, storage: str) -> None:

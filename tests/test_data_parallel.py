@@ -119,11 +119,13 @@ def test_two_workers_take_the_single_process_steps(tmp_path):
         assert got["status"] == one["status"] == "stopped" and got["steps"] == 20
         assert [s for s, _ in got["seen"]] == [s for s, _ in one["seen"]] == list(range(1, 21))
         assert got["images"] == one["images"] == 20 * 32  # counted over the global batch
-        assert got["losses"] == pytest.approx(one["losses"], rel=1e-6)  # global-batch means
+        assert got["losses"] == pytest.approx(one["losses"], rel=1e-5)  # global-batch means
+    # float32 summation order alone: measured 4e-6 after 20 steps (a wrong slice: ~1e-2)
     diff = max(float((ranks[0]["weights"][k] - one["weights"][k]).abs().max())
                for k in one["weights"])
-    assert diff < 1e-5
-    assert ranks[0]["val_acc"] == one["val_acc"] and ranks[1]["val_acc"] is None  # rank 0
+    assert diff < 1e-4
+    assert abs(ranks[0]["val_acc"] - one["val_acc"]) <= 0.01  # 2 of 200 images may flip
+    assert ranks[1]["val_acc"] is None  # only rank 0 evaluates
     assert any(ev for _, ev in ranks[0]["seen"]) and not any(ev for _, ev in ranks[1]["seen"])
 
 
@@ -231,6 +233,22 @@ def test_a_stop_request_ends_a_two_worker_trial_at_that_evaluation(tmp_path):
     got = json.loads(r.stdout.strip().splitlines()[-1])
     # rank 0 waits for the runner to see each report: the stop lands at the first, step 4
     assert got == {"status": "stopped", "steps": 4}
+
+
+@pytest.mark.slow
+def test_trials_a_rung_scheduler_stops_free_their_workers_for_the_next(tmp_path):
+    out = tmp_path / "exp"
+    r = qsearch("run", "--strategy", "random", "--budget", "6KB", "--model", "resnet20",
+                "--dataset", "synthetic", "--batch-size", "32", "--trials", "3",
+                "--scheduler", "asha", "--max-steps", "90", "--min-steps", "10",
+                "--workers-per-trial", "2", "--concurrency", "1", "--out", str(out),
+                timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    df = rows(out).sort_values("trial_index")
+    # the first trial climbs every rung; the next two lose at the first and are stopped by
+    # Tune, whose stopped Train runs must release both CPUs for the trial after them
+    assert list(df.status) == ["ok", "stopped", "stopped"]
+    assert list(df.steps) == [90, 10, 10]
 
 
 # ----- the 2-node loopback cluster --------------------------------------------------------
