@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from qsearch import QSearchError, __version__
+from qsearch.spec import RUN_SETTINGS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,18 +63,10 @@ def cmd_space_show(args) -> None:
 
 
 # ----- run / resume / results / strategies ---------------------------------------------
-_RUN_FLAGS = {  # CLI flag -> spec key (flags override the recipe)
-    "strategy": "strategy", "budget": "budget", "model": "model", "dataset": "dataset",
-    "proxy_budget": "proxy_budget", "trials": "trials", "seed": "seed",
-    "cpus_per_trial": "cpus_per_trial", "gpus_per_trial": "gpus_per_trial",
-    "concurrency": "concurrency", "address": "address", "out": "out", "a_bits": "a_bits",
-    "final_seeds": "final_seeds", "max_failures": "max_failures", "name": "name",
-    "time_budget": "time_budget", "scheduler": "scheduler", "min_steps": "min_steps",
-    "reduction_factor": "reduction_factor", "workers_per_trial": "workers_per_trial",
-    "cpus_per_worker": "cpus_per_worker", "gpus_per_worker": "gpus_per_worker",
-    "bf16": "bf16", "channels_last": "channels_last", "pin_memory": "pin_memory",
-    "width_min": "width_min", "width_max": "width_max",
-}
+_RUN_FLAGS = (  # flags that set the spec key of their name (flags override the recipe)
+    "strategy", "budget", "model", "dataset", "proxy_budget", "trials", "seed", "out",
+    "a_bits", "final_seeds", "name", "scheduler", "min_steps", "reduction_factor",
+    "width_min", "width_max", *RUN_SETTINGS)
 
 
 def specs_from_args(args):
@@ -82,27 +75,21 @@ def specs_from_args(args):
     from qsearch.strategy import list_strategies
 
     base = load_yaml(args.recipe) if args.recipe else {}
-    strategies = list_strategies() if base.get("matrix") else []
+    strategies = list_strategies(search_only=True) if base.get("matrix") else []
     return [_apply_flags(Spec.from_dict(d, source=args.recipe or "spec"), args)
             for d in expand_matrix(base, strategies)]
 
 
 def _apply_flags(spec, args):
-    over = {key: getattr(args, flag) for flag, key in _RUN_FLAGS.items()
-            if getattr(args, flag) is not None}
+    over = {key: getattr(args, key) for key in _RUN_FLAGS if getattr(args, key) is not None}
     if args.bit_choices is not None:
         over["bit_choices"] = _bits_list(args.bit_choices)
-    train = dict(spec.train)
-    if args.max_steps is not None:
-        if args.steps not in (None, args.max_steps):
-            raise QSearchError(f"--steps {args.steps} and --max-steps {args.max_steps} both "
-                               "give the trial length: give one of them")
-        args.steps = args.max_steps
-    if args.steps is not None and args.epochs is not None:
+    train, steps = dict(spec.train), _trial_steps(args)
+    if steps is not None and args.epochs is not None:
         raise QSearchError("--steps and --epochs both given: a trial length is one of them")
-    if args.steps is not None:
+    if steps is not None:
         train.pop("epochs", None)
-        train["steps"] = args.steps
+        train["steps"] = steps
     if args.epochs is not None:
         train.pop("steps", None)
         train["epochs"] = args.epochs
@@ -119,6 +106,17 @@ def _apply_flags(spec, args):
     if args.strategy_arg:
         over["strategy_kwargs"] = {**spec.strategy_kwargs, **dict(args.strategy_arg)}
     return spec.replace(**over)
+
+
+def _trial_steps(args) -> int | None:
+    """The trial length in steps: --steps, or its alias --max-steps (the name under a rung
+    scheduler); both given must agree."""
+    if args.max_steps is None:
+        return args.steps
+    if args.steps not in (None, args.max_steps):
+        raise QSearchError(f"--steps {args.steps} and --max-steps {args.max_steps} both "
+                           "give the trial length: give one of them")
+    return args.max_steps
 
 
 def cmd_run(args) -> None:
@@ -253,6 +251,30 @@ def cmd_fidelity(args) -> None:
     print(experiment_report(runner.out, args.format))
 
 
+def _add_run_settings(p: argparse.ArgumentParser) -> None:
+    """Where and how trials run (``spec.RUN_SETTINGS``): the same flags for `run` and for
+    `resume`, which may change them."""
+    p.add_argument("--address", help="join an existing Ray cluster (host:port)")
+    p.add_argument("--cpus-per-trial", type=float)
+    p.add_argument("--gpus-per-trial", type=float, help="fractions allowed, e.g. 0.25")
+    p.add_argument("--workers-per-trial", type=int, help="run each trial as a Ray Train "
+                   "TorchTrainer of N DDP workers (default 1: one process); --batch-size "
+                   "stays the global batch")
+    p.add_argument("--cpus-per-worker", type=float, help="CPUs of each worker (default 1)")
+    p.add_argument("--gpus-per-worker", type=float, help="GPUs of each worker (default 0: "
+                   "CPU workers, gloo; 1: NCCL)")
+    for flag, what in (("bf16", "autocast training steps to bfloat16"),
+                       ("channels-last", "NHWC memory order"),
+                       ("pin-memory", "ImageFolder batches in page-locked memory")):
+        p.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=None,
+                       help=f"{what} (GPU path; off by default until measured)")
+    p.add_argument("--concurrency", type=int, help="trials at once (default: CPUs / cpus "
+                   "per trial)")
+    p.add_argument("--max-failures", type=int, help="retries of a failed trial (default 2)")
+    p.add_argument("--time-budget", help="stop this sitting after this long, e.g. 90m; "
+                   "trials cut short continue with `qsearch resume DIR`")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="qsearch", description="Find the most accurate quantized CNN that fits "
                 "a model-size or BitOPs budget.")
@@ -282,24 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--strategy-arg", action="append", type=_kv, metavar="KEY=VALUE",
                      help="strategy option (repeatable), e.g. --strategy-arg bits=[2,4]")
     run.add_argument("--seed", type=int)
-    run.add_argument("--cpus-per-trial", type=float)
-    run.add_argument("--gpus-per-trial", type=float, help="fractions allowed, e.g. 0.25")
-    run.add_argument("--workers-per-trial", type=int, help="run each trial as a Ray Train "
-                     "TorchTrainer of N DDP workers (default 1: one process); --batch-size "
-                     "stays the global batch")
-    run.add_argument("--cpus-per-worker", type=float, help="CPUs of each worker (default 1)")
-    run.add_argument("--gpus-per-worker", type=float, help="GPUs of each worker (default 0: "
-                     "CPU workers, gloo; 1: NCCL)")
-    for flag, what in (("bf16", "autocast training steps to bfloat16"),
-                       ("channels-last", "NHWC memory order"),
-                       ("pin-memory", "ImageFolder batches in page-locked memory")):
-        run.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=None,
-                         help=f"{what} (GPU path; off by default until measured)")
-    run.add_argument("--concurrency", type=int, help="trials at once (default: CPUs / cpus "
-                     "per trial)")
-    run.add_argument("--max-failures", type=int, help="retries of a failed trial (default 2)")
-    run.add_argument("--time-budget", help="stop after this long, e.g. 90m; trials cut short "
-                     "continue with `qsearch resume DIR` (which takes --time-budget too)")
+    _add_run_settings(run)
     run.add_argument("--scheduler", help="none (default), asha or hyperband: Ray Tune's "
                      "rung schedulers stop or pause weak trials early")
     run.add_argument("--min-steps", type=int, help="first rung in steps (default: "
@@ -308,7 +313,6 @@ def build_parser() -> argparse.ArgumentParser:
                      "(same as --steps)")
     run.add_argument("--reduction-factor", type=int, help="rungs at min steps x factor^k; "
                      "1 in factor trials goes on at each rung (default 3)")
-    run.add_argument("--address", help="join an existing Ray cluster (host:port)")
     run.add_argument("--out", help="experiment directory (default runs/<strategy>-<time>)")
     run.add_argument("--name", help="experiment id (default: the directory name)")
     run.add_argument("--final-seeds", type=int, help="retrain the final candidate at the "
@@ -319,12 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     res = sub.add_parser("resume", help="continue an interrupted experiment (where and how "
                          "it runs may change; what it searches may not)")
     res.add_argument("dir")
-    res.add_argument("--address", help="resume on this Ray cluster (host:port)")
-    res.add_argument("--cpus-per-trial", type=float)
-    res.add_argument("--gpus-per-trial", type=float)
-    res.add_argument("--concurrency", type=int)
-    res.add_argument("--max-failures", type=int)
-    res.add_argument("--time-budget", help="run this sitting for at most this long, e.g. 30m")
+    _add_run_settings(res)
     res.set_defaults(fn=cmd_resume)
 
     st = sub.add_parser("strategies", help="list the registered strategies")

@@ -20,12 +20,10 @@ from qsearch.final import FinalRetrain, final_candidate, seed_summary
 from qsearch.planning import check_writable, plan_budgets, validate_run_settings
 from qsearch.runner import Runner, StateFile, connect, execute, failed_count
 from qsearch.schedule import rung_counts
-from qsearch.spec import Spec, read_spec, space_from_spec
+from qsearch.spec import RUN_SETTINGS, Spec, read_spec, space_from_spec
 from qsearch.strategy import create_strategy
 
-# where and how trials run, not what they search (``Spec.hash`` leaves them out)
-RESUME_OVERRIDES = ("address", "cpus_per_trial", "gpus_per_trial", "concurrency",
-                    "max_failures", "time_budget")
+RESUME_OVERRIDES = RUN_SETTINGS  # where and how trials run, not what they search
 
 
 def run_experiment(spec: Spec, *, inline: bool = False,
@@ -50,7 +48,8 @@ def run_experiment(spec: Spec, *, inline: bool = False,
 def resume_experiment(out: Path, *, overrides: dict | None = None, inline: bool = False,
                       display: Display | None = None) -> Runner:
     """Continue the experiment in ``out`` after its driver stopped. ``overrides`` may change
-    where and how it runs (address, resources, retries), not what it searches."""
+    where and how it runs (address, resources, workers, retries: ``RUN_SETTINGS``), not
+    what it searches."""
     out = Path(out)
     spec_path = out / SPEC_FILE
     if not spec_path.exists():

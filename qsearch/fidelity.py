@@ -174,6 +174,7 @@ def experiment_report(directory: str | Path, fmt: str = "table") -> str:
     """The formatted report of an experiment directory (its spec and stored rows)."""
     from qsearch.budget import parse_budget
     from qsearch.files import RESULTS_FILE, SPEC_FILE
+    from qsearch.seed_noise import format_noise, noise_report
     from qsearch.spec import read_spec
     from qsearch.store import ResultsStore
 
@@ -190,7 +191,9 @@ def experiment_report(directory: str | Path, fmt: str = "table") -> str:
         f"{searched} (proxy of {spec.budget})"
     title = (f"Proxy fidelity: {spec.model} on {spec.dataset} at {at}, "
              f"{kw.get('candidates', 12)} candidates x {kw.get('seeds', 1)} seed(s)")
-    return format_report(report, unit=unit, title=title, fmt=fmt)
+    text = format_report(report, unit=unit, title=title, fmt=fmt)
+    noise = format_noise(noise_report(trial_rows(rows)), unit=unit)
+    return text + (f"\n\nSeed noise against trial length:\n\n{noise}" if noise else "")
 
 
 def budget_report(small: list[dict], large: list[dict], *, resamples: int = RESAMPLES,

@@ -10,7 +10,7 @@ import numpy as np
 from qsearch.budget import Budget
 from qsearch.candidate import Candidate
 from qsearch.space import SearchSpace
-from qsearch.strategy import GridStrategy, Proposal
+from qsearch.strategy import GridStrategy, Proposal, best_at_highest_fidelity
 
 
 class FinalRetrain(GridStrategy):
@@ -41,11 +41,9 @@ def best_row(rows: list[dict]) -> dict | None:
     most steps. Accuracies at different fidelities are never compared."""
     scored = [r for r in rows if r["status"] in ("ok", "stopped") and r["candidate"]
               and r["val_acc"] is not None and math.isfinite(r["val_acc"])]
-    top = [r for r in scored if r["status"] == "ok"]
-    if not top and scored:
-        most = max(r.get("steps") or 0 for r in scored)
-        top = [r for r in scored if (r.get("steps") or 0) == most]
-    return max(top, key=lambda r: r["val_acc"]) if top else None
+    return best_at_highest_fidelity(
+        scored, accuracy=lambda r: r["val_acc"],
+        fidelity=lambda r: math.inf if r["status"] == "ok" else r.get("steps") or 0)
 
 
 def final_candidate(rows: list[dict], space: SearchSpace,

@@ -36,6 +36,7 @@ from qsearch import QSearchError
 from qsearch.budget import format_cost
 from qsearch.candidate import bit_summary
 from qsearch.files import FINAL_FILE, SPEC_FILE
+from qsearch.seed_noise import retrain_noise
 from qsearch.store import ResultsStore
 
 FORMATS = ("table", "md", "csv", "json")
@@ -378,7 +379,8 @@ def footnotes(entries: Sequence[dict[str, Any]]) -> list[str]:
     if any(e["vs_uniform_test"] for e in entries):
         lines.append("Δ uniform: test accuracy minus the uniform entry of the same budget, in "
                      f"points, with its 95% CI ({used('vs_uniform_test', entries)})")
-    return lines
+    noise = retrain_noise([e["final_by_seed"] for e in entries if e["final_by_seed"]])
+    return lines + ([noise] if noise else [])
 
 
 def format_leaderboard(entries: Sequence[dict[str, Any]], fmt: str = "table") -> str:

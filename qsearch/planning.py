@@ -39,6 +39,13 @@ def plan_budgets(spec: Spec, space: SearchSpace) -> Budgets:
     meaningful). A larger target is searched at that proxy and the winner is re-aligned.
     """
     target = parse_budget(spec.budget)
+    if space.family.fixed_width:  # the one place a run's search starts: refused here
+        raise QSearchError(
+            f"qsearch run is not supported yet for fixed-width models such as {spec.model!r}: "
+            "every strategy changes the width to meet the budget, and a search through the "
+            "bits alone is not built yet; what works now is the layer table and "
+            f"costs: qsearch space show --model {spec.model} --dataset {spec.dataset} "
+            f"--bits 4 --budget {spec.budget}")
     space.align(space.candidate(min(space.bit_choices)), target)  # errors if below minimum
     _check_reachable(spec, space, target)
     if spec.proxy_budget in (None, "none", "off"):

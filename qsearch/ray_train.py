@@ -16,15 +16,15 @@ name and storage) resumes from the same checkpoint; a resumed experiment replays
 from the checkpoint path the runner recorded.
 
 Stop requests: Tune hands a Train report over asynchronously, so rank 0 waits until the
-runner has seen its report (the callback in :mod:`qsearch.ray_tune` marks each report key
-on the stop board) before reading the board; :func:`qsearch.train.train` then gives rank
-0's answer to every worker.
+runner has seen its report (the callback in :mod:`qsearch.ray_tune` marks each report key,
+with the runner's answer to it, on the :class:`TrainBoard`) before going on;
+:func:`qsearch.train.train` then gives rank 0's answer to every worker.
 
 Trials Tune ends from outside (a rung scheduler, the time budget): Tune stops the trial's
 actor, which owns the Train run. Killed with it, the run would leave its placement group
 holding the workers' CPUs and GPUs until the search ends, so the actor's cleanup first ends
-the run: it marks the trial ended on the board, rank 0 stops at its next report, and the
-workers shut down as for a finished run (:func:`driver_trainable`).
+the run: it marks the trial ended on the :class:`TrainBoard`, rank 0 stops at its next
+report, and the workers shut down as for a finished run (:func:`driver_trainable`).
 """
 
 from __future__ import annotations
@@ -44,7 +44,35 @@ from typing import Any
 DRIVER_RESOURCES = {"node:__internal_head__": 0.001}
 ANSWER_TIMEOUT_S = 120.0  # rank 0 goes on (no stop) if the runner has not seen a report
 END_TIMEOUT_S = 300.0  # how long a stopped trial's actor waits for its Train run to end
-_RUNS: dict[str, tuple[Any, threading.Event]] = {}  # trial id -> (stop board, run ended)
+_RUNS: dict[str, tuple[Any, threading.Event]] = {}  # trial id -> (train board, run ended)
+
+
+class TrainBoard:
+    """What data-parallel trials need beside a stop request, kept by a small actor on the
+    driver's node: the report keys the runner has seen, with its answer (stop or not), and
+    the trials Tune ended (their Train runs end at their next report)."""
+
+    def __init__(self):
+        self.seen: set[tuple[str, str]] = set()
+        self.stopped: set[str] = set()  # a stop request holds for the trial's later reports
+        self.gone: set[str] = set()
+
+    def saw(self, trial_id: str, key: str, stop: bool) -> None:
+        self.seen.add((trial_id, key))
+        if stop:
+            self.stopped.add(trial_id)
+
+    def answer(self, trial_id: str, key: str) -> bool | None:
+        """None until report ``key`` was seen, then whether the trial should stop."""
+        if trial_id in self.gone:
+            return True
+        return trial_id in self.stopped if (trial_id, key) in self.seen else None
+
+    def end(self, trial_id: str) -> None:
+        self.gone.add(trial_id)
+
+    def ended(self, trial_id: str) -> bool:
+        return trial_id in self.gone
 
 
 def driver_trainable(trial_fn):
@@ -76,7 +104,8 @@ def end_run(trial_id: str) -> None:
 
 def fit_trial(config: dict[str, Any], *, board, trial_id: str, storage: str) -> None:
     """Run the trial of ``config`` as a TorchTrainer to its end (the Tune trial's body).
-    ``board`` is the stop board's actor handle; the Train run is ``storage/trial_id``."""
+    ``board`` is the :class:`TrainBoard` actor's handle; the Train run is
+    ``storage/trial_id``."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback

@@ -4,14 +4,15 @@
   reports, checkpoints (at each evaluation, and between evaluations every
   ``checkpoint_every_s`` of the trial config) and stop requests.
 - A ``Searcher`` (suggest -> ``Runner.suggest``, on_trial_complete -> ``Runner.complete``)
-  and a ``Callback`` (trial start, intermediate results, checkpoints, errors) around a
-  :class:`~qsearch.runner.Runner`.
+  and a ``Callback`` (trial starts and pauses, intermediate results, checkpoints, errors)
+  around a :class:`~qsearch.runner.Runner`.
 - :func:`fit` builds the ``Tuner``; :func:`init_ray` starts embedded local Ray or joins the
   cluster at ``--address``.
 
 Stop requests: when the runner decides a trial should stop (``Runner.on_result``), it posts
-the trial id to a small actor on the driver's node; the trial reads it after each report
-and its task ends at that evaluation with what it has (status ``stopped`` in the store).
+the trial id to a small actor on the driver's node (:class:`StopBoard`); the trial reads it
+after each report and its task ends at that evaluation with what it has (status ``stopped``
+in the store).
 
 A trial of several workers (``workers_per_trial``) runs as a Ray Train ``TorchTrainer``
 inside the Tune trial: :mod:`qsearch.ray_train`, the one other module that knows Ray.
@@ -48,13 +49,13 @@ def trial_fn(config: dict[str, Any]) -> None:
     import ray
     from ray import tune
 
-    board = ray.get_actor(config["stop_board"], namespace=NAMESPACE)
     trial_id = tune.get_context().get_trial_id()
     if config["spec"].get("workers_per_trial", 1) > 1:
         from qsearch.ray_train import fit_trial
 
-        return fit_trial(config, board=board, trial_id=trial_id,
-                         storage=config["train_storage"])
+        return fit_trial(config, board=ray.get_actor(config["train_board"], namespace=NAMESPACE),
+                         trial_id=trial_id, storage=config["train_storage"])
+    board = ray.get_actor(config["stop_board"], namespace=NAMESPACE)
     ckpt = tune.get_checkpoint()
     restored = (load_state(ckpt.to_directory()) if ckpt else None) or load_state(
         config.get("resume_from"))
@@ -79,42 +80,19 @@ def trial_fn(config: dict[str, Any]) -> None:
     tune.report(final)
 
 
-def _stop_board_class():
-    import ray
+class StopBoard:
+    """Trial ids whose stop the runner requested; a trial reads it after each report. Runs
+    as a small actor on the driver's node (data-parallel trials read their own board,
+    :class:`qsearch.ray_train.TrainBoard`)."""
 
-    @ray.remote(num_cpus=0)
-    class StopBoard:
-        """Trial ids whose stop the runner requested, and the report keys it has seen (a
-        data-parallel trial's rank 0 waits for its report to be seen: ``answer``), and the
-        data-parallel trials Tune ended (their Train runs end at their next report)."""
+    def __init__(self):
+        self.ids: set[str] = set()
 
-        def __init__(self):
-            self.ids: set[str] = set()
-            self.seen: set[tuple[str, str]] = set()
-            self.gone: set[str] = set()
+    def stop(self, trial_id: str) -> None:
+        self.ids.add(trial_id)
 
-        def stop(self, trial_id: str) -> None:
-            self.ids.add(trial_id)
-
-        def requested(self, trial_id: str) -> bool:
-            return trial_id in self.ids
-
-        def saw(self, trial_id: str, key: str) -> None:
-            self.seen.add((trial_id, key))
-
-        def answer(self, trial_id: str, key: str) -> bool | None:
-            """None until report ``key`` was seen, then whether a stop was requested."""
-            if trial_id in self.gone:
-                return True
-            return trial_id in self.ids if (trial_id, key) in self.seen else None
-
-        def end(self, trial_id: str) -> None:
-            self.gone.add(trial_id)
-
-        def ended(self, trial_id: str) -> bool:
-            return trial_id in self.gone
-
-    return StopBoard
+    def requested(self, trial_id: str) -> bool:
+        return trial_id in self.ids
 
 
 # ----- searcher and callback around a Runner --------------------------------------------
@@ -131,7 +109,7 @@ def _searcher(runner: Runner):
             config = runner.suggest(trial_id)
             if config is None or config == FINISHED:
                 return Searcher.FINISHED if config == FINISHED else None
-            return {**config, "stop_board": board_name, "train_storage": train_storage}
+            return {**config, **names, "train_storage": train_storage}
 
         def on_trial_complete(self, trial_id: str, result=None, error: bool = False):
             runner.complete(trial_id, result, error)
@@ -145,15 +123,21 @@ def _searcher(runner: Runner):
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    board_name = f"stop-{uuid.uuid4().hex[:12]}"
+    token = uuid.uuid4().hex[:12]
     train_storage = str((runner.out / "train").resolve())  # Ray Train runs (several workers)
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    board = _stop_board_class().options(name=board_name, namespace=NAMESPACE,
-                                        scheduling_strategy=here).remote()
-    return StrategySearcher(), board
+    names, boards = {"stop_board": f"stop-{token}"}, [StopBoard]
+    if runner.spec.workers_per_trial > 1:
+        from qsearch.ray_train import TrainBoard
+
+        names["train_board"], boards = f"train-{token}", [StopBoard, TrainBoard]
+    actors = [ray.remote(num_cpus=0)(cls).options(name=name, namespace=NAMESPACE,
+                                                  scheduling_strategy=here).remote()
+              for cls, name in zip(boards, names.values(), strict=True)]
+    return StrategySearcher(), actors
 
 
-def _callback(runner: Runner, board):
+def _callback(runner: Runner, board, train_board=None):
     from ray import tune
 
     class RunnerCallback(tune.Callback):
@@ -165,12 +149,18 @@ def _callback(runner: Runner, board):
         def on_trial_result(self, iteration, trials, trial, result, **info):
             if result.get("checkpoint_path"):  # a data-parallel trial's (Ray Train's)
                 runner.checkpointed(trial.trial_id, result["checkpoint_path"])
-            if not result.get("final") and runner.on_result(trial.trial_id, result):
+            stop = not result.get("final") and runner.on_result(trial.trial_id, result)
+            if stop:
                 board.stop.remote(trial.trial_id)
-            if "report_key" in result:  # after any stop: the actor runs our calls in order
-                board.saw.remote(trial.trial_id, result["report_key"])
+            if "report_key" in result:  # a data-parallel trial's rank 0 waits for this
+                train_board.saw.remote(trial.trial_id, result["report_key"], bool(stop))
 
         def on_step_end(self, iteration, trials, **info):
+            # Tune has no pause hook: a trial HyperBand paused, or one waiting for a retry,
+            # shows as PAUSED or PENDING until it starts again (on_trial_start)
+            for trial in trials:
+                if trial.status in (trial.PAUSED, trial.PENDING):
+                    runner.paused_trial(trial.trial_id)
             runner.tick()
 
         def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
@@ -214,7 +204,7 @@ def fit(runner: Runner, num_samples: int, run_name: str) -> None:
         trainable = tune.with_resources(ray_train.driver_trainable(trial_fn),
                                         ray_train.DRIVER_RESOURCES)
     concurrency = spec.concurrency or _trials_that_fit(spec, ray.cluster_resources())
-    searcher, board = _searcher(runner)
+    searcher, boards = _searcher(runner)
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=num_samples,
@@ -226,7 +216,7 @@ def fit(runner: Runner, num_samples: int, run_name: str) -> None:
             name=run_name, storage_path=str((runner.out / "tune").resolve()), verbose=0,
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            callbacks=[_callback(runner, board)]),
+            callbacks=[_callback(runner, *boards)]),
     )
     try:
         with _ray_output_to(runner.out / RAY_LOG_FILE) as console:
@@ -234,7 +224,8 @@ def fit(runner: Runner, num_samples: int, run_name: str) -> None:
             tuner.fit()
     finally:
         runner.display.use_stream(sys.stdout)
-        ray.kill(board)
+        for board in boards:
+            ray.kill(board)
 
 
 def _trials_that_fit(spec: Spec, cluster: dict) -> int:

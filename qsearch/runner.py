@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from qsearch import QSearchError
@@ -32,6 +33,33 @@ from qsearch.trial import result_from_report
 
 # a running trial also saves a checkpoint this often between evaluations (seconds)
 CHECKPOINT_EVERY_S = float(os.environ.get("QSEARCH_CHECKPOINT_EVERY", "60"))
+
+
+class RunningTime:
+    """The seconds each trial has run: the sum of its running spans. A trial a scheduler
+    pauses and resumes later (HyperBand) is not charged for the time it sat paused, nor a
+    retried trial for the time it waited for resources to come back."""
+
+    def __init__(self, clock: Callable[[], float] = time.time):
+        self.clock = clock
+        self.since: dict[str, float] = {}  # trial id -> start of its running span
+        self.spent: dict[str, float] = {}  # trial id -> seconds of its ended spans
+
+    def start(self, trial_id: str) -> None:
+        """The trial runs (again) from now; nothing changes if it already runs."""
+        if trial_id not in self.since:
+            self.since[trial_id] = self.clock()
+
+    def pause(self, trial_id: str) -> None:
+        """The trial stopped running for now; nothing changes if it was not running."""
+        if trial_id in self.since:
+            span = self.clock() - self.since.pop(trial_id)
+            self.spent[trial_id] = self.spent.get(trial_id, 0.0) + span
+
+    def end(self, trial_id: str) -> float:
+        """The trial ended: the seconds it ran, all spans together (0 if it never ran)."""
+        self.pause(trial_id)
+        return self.spent.pop(trial_id, 0.0)
 
 
 class StateFile:
@@ -87,7 +115,7 @@ class Runner:
         self.checkpoints: dict[str, str] = {}  # original trial id -> last checkpoint
         self.cut: dict[str, dict] = {}  # trials the time budget ended: run again on resume
         self.deadline: float | None = None
-        self.started: dict[str, float] = {}
+        self.running = RunningTime()  # the wall_seconds of each trial
         self.awaiting_error: dict[str, tuple[dict, float]] = {}
         self.next_index = 0
         self.t0 = time.time()
@@ -123,8 +151,14 @@ class Runner:
                 "seed_offset": entry["proposal"]["params"].get("seed_offset", 0)}
 
     def started_trial(self, trial_id: str) -> None:
-        self.started[trial_id] = time.time()
+        """A trial started, or resumed after a pause or a failure."""
+        self.running.start(trial_id)
         self.progress()
+
+    def paused_trial(self, trial_id: str) -> None:
+        """A trial stopped running for now (paused by a scheduler, or waiting to retry):
+        the time until it starts again is not part of its ``wall_seconds``."""
+        self.running.pause(trial_id)
 
     def on_result(self, trial_id: str, metrics: dict) -> bool:
         """An intermediate report; True when the strategy wants the trial stopped. Reports
@@ -170,7 +204,7 @@ class Runner:
             return
         result = result_from_report(report, error, Proposal.from_dict(entry["proposal"]))
         self.strategy.tell(entry["origin"], result)
-        wall = time.time() - self.started.get(trial_id, time.time())
+        wall = self.running.end(trial_id)
         if error:
             self.awaiting_error[trial_id] = (entry, wall)
         else:

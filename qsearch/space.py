@@ -3,6 +3,9 @@
 One shape trace of a model family at width 1 records, for every quantizable layer
 (Conv2d/Linear), which plan entry feeds its Cin, Cout and groups. Any width is then
 evaluated from ``family.plan(width)`` alone, so costs and width alignment need no model.
+The trace is :func:`qsearch.inventory.trace_layers`. A fixed-width model (``torchvision:NAME``
+or a user factory, :mod:`qsearch.models`) has no plan keys: its layers keep their traced
+shapes, and ``align`` only checks that a candidate fits.
 
 Costs (all vectorised over layers):
 
@@ -33,7 +36,8 @@ from qsearch import QSearchError
 from qsearch.budget import Budget, format_cost
 from qsearch.candidate import FLOAT_BITS, Candidate
 from qsearch.data import dataset_info
-from qsearch.spaces import Ch, Family, get_family
+from qsearch.inventory import trace_layers
+from qsearch.spaces import Ch, get_family
 
 INPUT_BITS = 8  # the image enters the first layer as 8-bit data
 DEFAULT_BIT_CHOICES = (1, 2, 4, 8)
@@ -56,39 +60,6 @@ def parse_pin_bits(text: str) -> int | None:
 
 
 @dataclass(frozen=True)
-class Layer:
-    """One quantizable layer as traced at width 1. ``*_key`` name the plan entries it uses."""
-
-    index: int
-    name: str
-    role: str  # stem | conv | pointwise | depthwise | fc
-    cin: int
-    cout: int
-    groups: int
-    kernel: tuple[int, int]
-    stride: int
-    in_hw: tuple[int, int]
-    out_hw: tuple[int, int]
-    cin_key: str | None
-    cout_key: str | None
-    groups_key: str | None
-    bias: bool = False  # one bias per output channel (fc; counted in C_size on request)
-
-    @property
-    def fan_in(self) -> int:
-        """d = Cin/groups x Kh x Kw, the elements per output filter."""
-        return self.cin // self.groups * self.kernel[0] * self.kernel[1]
-
-    @property
-    def params(self) -> int:
-        return self.cout * self.fan_in
-
-    @property
-    def macs(self) -> int:
-        return self.params * self.out_hw[0] * self.out_hw[1]
-
-
-@dataclass(frozen=True)
 class Aligned:
     """A candidate whose width was solved to fill a budget."""
 
@@ -101,64 +72,13 @@ class Aligned:
         return self.cost / self.budget.value
 
 
-def _key(value) -> str | None:
-    return value.key if isinstance(value, Ch) else None
-
-
-def trace_layers(family: Family, plan: dict, *, in_channels: int, num_classes: int,
-                 image_size: int) -> tuple[list[Layer], list[tuple[str | None, int, int]]]:
-    """Build the model on the meta device, run one forward, record every quantizable layer.
-
-    Also returns the float parameters outside conv/fc weights (BN affine + running stats,
-    biases) as (plan key or None, floats per channel, channels at this plan) triples.
-    """
-    import torch
-    import torch.nn as nn
-
-    with torch.device("meta"):
-        model = family.build(plan, in_channels=in_channels, num_classes=num_classes).eval()
-    seen: dict[str, tuple] = {}
-    hooks = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, (nn.Conv2d, nn.Linear)):
-            def hook(m, inp, out, name=name):
-                seen.setdefault(name, (m, tuple(inp[0].shape), tuple(out.shape)))
-            hooks.append(mod.register_forward_hook(hook))
-    with torch.no_grad():
-        model(torch.empty(1, in_channels, image_size, image_size, device="meta"))
-    for h in hooks:
-        h.remove()
-
-    layers = []
-    for i, (name, (m, ishape, oshape)) in enumerate(seen.items()):
-        hw_in = tuple(ishape[2:]) if len(ishape) == 4 else (1, 1)
-        hw_out = tuple(oshape[2:]) if len(oshape) == 4 else (1, 1)
-        if isinstance(m, nn.Linear):
-            cin, cout, groups, kernel, stride = m.in_features, m.out_features, 1, (1, 1), 1
-            role = "fc"
-        else:
-            cin, cout, groups = m.in_channels, m.out_channels, m.groups
-            kernel, stride = tuple(m.kernel_size), m.stride[0]
-            role = ("stem" if i == 0 else "depthwise" if groups > 1 and groups == cin
-                    else "pointwise" if kernel == (1, 1) else "conv")
-        layers.append(Layer(i, name, role, int(cin), int(cout), int(groups), kernel, stride,
-                            hw_in, hw_out, _key(cin), _key(cout),
-                            _key(groups) if groups > 1 else None, m.bias is not None))
-    extras = []
-    for mod in model.modules():
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-            extras.append((_key(mod.num_features), 4, int(mod.num_features)))
-        elif isinstance(mod, (nn.Conv2d, nn.Linear)) and mod.bias is not None:
-            n = mod.out_channels if isinstance(mod, nn.Conv2d) else mod.out_features
-            extras.append((_key(n), 1, int(n)))
-    return layers, extras
-
-
 class SearchSpace:
     """A CNN family on a dataset: layer inventory, candidates, costs and width alignment.
 
     Args:
-        model: a registered family name (``qsearch.spaces.list_families()``).
+        model: a registered family name (``qsearch.spaces.list_families()``), or a
+            fixed-width model: ``torchvision:NAME`` or a factory ``path/to/file.py:fn``
+            (:mod:`qsearch.models`); its channels are its own (width 1 only).
         dataset: dataset name; sets input channels, classes and resolution.
         a_bits: activation bits of candidates (4 matches the papers' CIFAR setting and is
             iso-accurate with float on Fashion-MNIST in our runs; 32 = float).
@@ -284,6 +204,9 @@ class SearchSpace:
                                    f"layers, {len(self.free_layers)} of them free")
         for i, b in self.pinned.items():
             w[i] = b
+        if self.family.fixed_width and width != 1.0:
+            raise QSearchError(f"width {width:g} not possible: {self.model} is a fixed-width "
+                               "model (its own channels); leave the width at 1 (--width 1)")
         return Candidate(tuple(w), self.a_bits if a_bits is None else a_bits, float(width))
 
     # ----- shapes and costs ------------------------------------------------------------
@@ -372,7 +295,11 @@ class SearchSpace:
         stages (each at most ~25% above its width-multiplied count, in the family's channel
         steps), largest fitting increase first, until nothing more fits: the result is
         usually within [99%, 100%] of the budget. ``Aligned.ratio`` reports what was reached.
+        A fixed-width model's width cannot change: the candidate fits as it is, or it is an
+        error.
         """
+        if self.family.fixed_width:
+            return self._fits_as_is(cand, budget)
         lo, hi = self.width_bounds
         cand = cand.with_width(lo)
         def cost(w: float) -> float:
@@ -397,6 +324,16 @@ class SearchSpace:
         if top_up:
             best = self._top_up(best, budget)
         return Aligned(best, self.cost(best, budget.kind), budget)
+
+    def _fits_as_is(self, cand: Candidate, budget: Budget) -> Aligned:
+        cand = cand.with_width(1.0)
+        cost = self.cost(cand, budget.kind)
+        if cost > budget.value:
+            raise QSearchError(
+                f"{self.model} with these bits costs {format_cost(cost, budget.kind)}, above "
+                f"the budget {budget}: a fixed-width model meets a budget through its bits, "
+                "not its width; use lower bits or raise the budget")
+        return Aligned(cand, cost, budget)
 
     @cached_property
     def _scalable_keys(self) -> list[str]:

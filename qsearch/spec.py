@@ -33,6 +33,12 @@ _ADDRESS = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?::(\d{1,5}))
 _TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,),
           "dict": (dict,), "list": (list,)}
 
+# Where and how an experiment runs, not what it searches: ``Spec.hash`` leaves them out and
+# ``qsearch resume`` may change them.
+RUN_SETTINGS = ("address", "concurrency", "cpus_per_trial", "gpus_per_trial", "max_failures",
+                "time_budget", "workers_per_trial", "cpus_per_worker", "gpus_per_worker",
+                "bf16", "channels_last", "pin_memory")
+
 # Trial length of a search trial: short proxy training (see README "Trial length").
 DEFAULT_TRAIN = {"steps": 300, "batch_size": 128}
 
@@ -194,10 +200,7 @@ class Spec:
     def hash(self) -> str:
         """Identifies what was searched (excluding where and how it ran)."""
         keep = {k: v for k, v in self.to_dict().items()
-                if k not in ("address", "out", "name", "concurrency", "cpus_per_trial",
-                             "gpus_per_trial", "max_failures", "time_budget",
-                             "workers_per_trial", "cpus_per_worker", "gpus_per_worker",
-                             "bf16", "channels_last", "pin_memory")}
+                if k not in ("out", "name", *RUN_SETTINGS)}
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -237,7 +240,7 @@ def read_spec(path: Path) -> Spec:
 def expand_matrix(base: dict[str, Any], strategies: list[str]) -> list[dict[str, Any]]:
     """A recipe's ``matrix`` becomes one spec dict per combination, each with its own
     ``out`` below the recipe's ``out``. The matrix maps spec keys to lists of values (their
-    product is taken; ``strategy: all`` means every registered strategy), or is a list of
+    product is taken; ``strategy: all`` means every search strategy), or is a list of
     mappings, one per experiment. Two experiments may not share a directory."""
     base = dict(base)
     matrix = base.pop("matrix", None)

@@ -20,9 +20,9 @@ import math
 import pkgutil
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
@@ -31,6 +31,7 @@ from qsearch.budget import Budget
 from qsearch.candidate import Candidate
 from qsearch.space import SearchSpace
 
+T = TypeVar("T")
 FINISHED = "FINISHED"  # ask() returns this when the strategy has nothing more to propose
 
 
@@ -103,6 +104,8 @@ class Strategy(ABC):
     """
 
     name: ClassVar[str]
+    # False for a measurement tool (``fidelity``): left out of a recipe's ``strategy: all``
+    searches: ClassVar[bool] = True
 
     def __init__(self, space: SearchSpace, budget: Budget, *, seed: int = 0):
         self.space, self.budget, self.seed = space, budget, seed
@@ -167,6 +170,20 @@ def bit_subset(strategy: str, bits: object, space: SearchSpace) -> list[int]:
                            f"space's bit choices {list(space.bit_choices)}, e.g. "
                            "--strategy-arg bits=[2,4] (or widen --bit-choices)")
     return list(bits)
+
+
+def best_at_highest_fidelity(items: Iterable[T], *, accuracy: Callable[[T], float],
+                             fidelity: Callable[[T], float]) -> T | None:
+    """The most accurate of ``items`` at the highest fidelity among them (the first on
+    ties), None when there are none. The one rule for picking a search's best: a trial a
+    scheduler stopped early is compared only with those stopped at as many steps, and a
+    full-length one (fidelity ``math.inf``) beats any stopped one. Accuracies at different
+    fidelities are never compared. ``items`` are those with a finite accuracy."""
+    items = list(items)
+    if not items:
+        return None
+    top = max(fidelity(x) for x in items)
+    return max((x for x in items if fidelity(x) == top), key=accuracy)
 
 
 def failure_reason(result: Result) -> str:
@@ -309,14 +326,8 @@ class GridStrategy(Strategy):
         cells if any, else those stopped at the most steps; the first in grid order on
         ties. None when no cell has an accuracy."""
         scored = [i for i in sorted(self.done) if math.isfinite(self.done[i])]
-        if not scored:
-            return None
-
-        def level(i: int) -> float:
-            return self.stopped_at.get(i, math.inf)
-
-        top = max(level(i) for i in scored)
-        return max((i for i in scored if level(i) == top), key=lambda i: self.done[i])
+        return best_at_highest_fidelity(scored, accuracy=self.done.__getitem__,
+                                        fidelity=lambda i: self.stopped_at.get(i, math.inf))
 
     def results(self) -> list[tuple[Any, float]]:
         """(cell, accuracy) for every finished cell, in grid order (NaN = failed)."""
@@ -345,9 +356,10 @@ def _load_all() -> None:
             importlib.import_module(f"qsearch.strategies.{mod.name}")
 
 
-def list_strategies() -> list[str]:
+def list_strategies(*, search_only: bool = False) -> list[str]:
+    """Registered strategy names; ``search_only`` leaves out measurement tools."""
     _load_all()
-    return sorted(_STRATEGIES)
+    return sorted(n for n, cls in _STRATEGIES.items() if cls.searches or not search_only)
 
 
 def get_strategy(name: str) -> type[Strategy]:

@@ -11,11 +11,14 @@ def space_table(space, cand, aligned=None) -> str:
     candidate was width-aligned, the alignment."""
     rows = space.table(cand)
     yes = {True: "yes", False: "no"}
-    lines = [f"{space.model} on {space.dataset}: {len(rows)} quantizable layers, width "
-             f"{cand.width:.4g}, activations {cand.a_bits} bit",
+    fixed = space.family.fixed_width
+    width = "fixed width (its own channels)" if fixed else f"width {cand.width:.4g}"
+    channels = ("" if fixed else f"first/last channels fixed: {yes[space.fixed_first]}/"
+                f"{yes[space.fixed_last]}, ")
+    lines = [f"{space.model} on {space.dataset}: {len(rows)} quantizable layers, {width}, "
+             f"activations {cand.a_bits} bit",
              f"first/last layer bits: {'free' if space.pin_bits is None else space.pin_bits}, "
-             f"first/last channels fixed: {yes[space.fixed_first]}/{yes[space.fixed_last]}, "
-             f"biases in C_size: {yes[space.count_bias]}",
+             f"{channels}biases in C_size: {yes[space.count_bias]}",
              f"{'#':>3} {'layer':<22} {'role':<9} {'cin':>5} {'cout':>5} {'k':>3} {'s':>2} "
              f"{'out':>7} {'bits':>4} {'C_size':>10} {'share':>6} {'BitOPs':>10}"]
     for i, r in enumerate(rows):
@@ -29,7 +32,9 @@ def space_table(space, cand, aligned=None) -> str:
                  f"bits), BitOPs {format_cost(space.bitops(cand), 'bitops')} "
                  f"({space.bitops(cand):.0f}), inference memory {format_cost(mem, 'size')}, "
                  f"packed file ~{packed['total_bytes']:,} bytes")
-    if aligned:
+    if aligned and fixed:
+        lines.append(f"fits {aligned.budget} at fixed width: {aligned.ratio:.2%} of the budget")
+    elif aligned:
         lines.append(f"width aligned to {aligned.budget}: width {cand.width:.6g}, achieved "
                      f"{aligned.ratio:.2%} of the budget")
     return "\n".join(lines)

@@ -16,6 +16,11 @@ from counts that may coincide at one width only: the model has the same layers a
 width and after every per-key top-up. A plan gives two entries one ``Ch`` where the
 architecture needs them equal (a ResNet stem and the first stage it adds to).
 
+A *fixed-width* family (``Family.fixed_width``) has no width multiplier: ``plan`` returns
+``{}``, the builder makes the model's own channels and budgets are met through the bits. Models
+given as ``torchvision:NAME`` or ``path/to/file.py:fn`` are such families
+(:mod:`qsearch.models`); they are resolved by name, not registered.
+
 Channel rounding rule, stated once: CIFAR-style families use ``round_channels``
 (nearest integer, at least 1); MobileNets use ``make_divisible`` (multiples of 8, never
 more than 10% below the exact value), as torchvision does.
@@ -77,6 +82,9 @@ class Family:
     description: str
     image_size: int  # input resolution the family is designed for (informational)
     granularity: int = 1  # channel step of the rounding rule (8 for MobileNets)
+    # True: the model's own channels, no width multiplier (``plan`` returns {}; budgets are
+    # met through the bits). torchvision and user-factory models (qsearch.models).
+    fixed_width: bool = False
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -103,10 +111,18 @@ def list_families() -> list[str]:
 
 
 def get_family(name: str) -> Family:
+    """A registered family, or a model named ``torchvision:NAME`` / ``path/to/file.py:fn`` /
+    ``package.module:fn`` (fixed width; see :mod:`qsearch.models`)."""
+    if ":" in name:
+        from qsearch.models import resolve_model  # imports torch: only for such names
+
+        return resolve_model(name)
     _load_all()
     try:
         return _FAMILIES[name]
     except KeyError:
         raise QSearchError(
-            f"unknown model {name!r}: choose one of {', '.join(sorted(_FAMILIES))}"
+            f"unknown model {name!r}: choose one of {', '.join(sorted(_FAMILIES))}, or any "
+            "torchvision classifier as torchvision:NAME (e.g. torchvision:resnet18), or your "
+            "own factory as path/to/file.py:function"
         ) from None

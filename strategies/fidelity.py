@@ -68,6 +68,8 @@ def check_options(candidates: object, lengths: object, seeds: object, unit: str)
 class Fidelity(GridStrategy):
     """Trains K candidates at several trial lengths to measure how well short trials rank."""
 
+    searches = False  # a measurement, not a search: not in a recipe's `strategy: all`
+
     def __init__(self, space: SearchSpace, budget: Budget, *, seed: int = 0,
                  candidates: int = 12, steps: Sequence[int] | None = None,
                  epochs: Sequence[float] | None = None, seeds: int = 1):

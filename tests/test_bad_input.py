@@ -33,6 +33,9 @@ CASES = [  # (argv, text the one-line message must contain); "--steps 5" added u
     (["--budget", "300KB", "--width-max", "0.5"], "at width 0.5): lower the budget"),
     (["--budget", "6KB", "--strategy", "nope"], "unknown strategy 'nope': choose one of"),
     (["--budget", "6KB", "--model", "resnet21"], "unknown model 'resnet21'"),
+    (["--budget", "6KB", "--model", "torchvision:resnet18"], "qsearch run is not supported yet "
+     "for fixed-width models such as 'torchvision:resnet18'"),
+    (["--budget", "6KB", "--model", "torchvision:resnet19"], "unknown torchvision model"),
     (["--budget", "6KB", "--dataset", "mnist2"], "unknown dataset 'mnist2'"),
     (["--budget", "6KB", "--bit-choices", "1,9"], "bit choices [1, 9] not allowed"),
     (["--budget", "6KB", "--bit-choices", "a,b"], "bit list 'a,b' not understood"),
@@ -163,6 +166,7 @@ YAML_CASES = [  # (recipe text or bytes, expected message part)
     ("budget: 6KB\ndata: {train_fraction: 7.5}\n", "train_fraction = 7.5 not understood"),
     ("budget: 6KB\ndata: {val_fraction: true}\n", "val_fraction = True not understood"),
     ("budget: 6KB\nversion: 7\n", "spec version 7 not supported"),
+    ("budget: 6KB\nmodel: torchvision:resnet18\n", "not supported yet for fixed-width models"),
     ("budget: 6KB\nstrategy_kwargs: {bits: [2, 9]}\n", "uniform bits=[2, 9] not allowed"),
     ("budget: !!python/object/apply:os.system ['touch /tmp/pwned']\n", "not valid YAML"),
     ("budget: 6KB\nbudget: 7KB\n", "duplicate key 'budget' (first at line 1)"),
@@ -308,6 +312,11 @@ def test_bad_output_files(command, output, extra, expected, experiment, tmp_path
     (["space", "show", "--model", "nope"], "unknown model 'nope'"),
     (["space", "show", "--bits", "9"], "weight bits [9] not allowed"),
     (["space", "show", "--bits", "2", "--budget", "1B"], "below the smallest"),
+    (["space", "show", "--model", "torchvision:resnet19"], "unknown torchvision model"),
+    (["space", "show", "--model", "torchvision:resnet18", "--budget", "1MB"],
+     "a fixed-width model meets a budget through its bits, not its width"),
+    (["space", "show", "--model", "torchvision:resnet18", "--width", "0.5"],
+     "leave the width at 1"),
     (["nosuchcommand"], "invalid choice: 'nosuchcommand'"),
 ])
 def test_bad_space_and_command(argv, expected, capsys):
@@ -371,3 +380,42 @@ def test_resume_takes_where_it_runs_but_not_what_it_searches(tmp_path, capsys):
                    "'127.0.0.9:1' is unreachable")  # the override reached the connection
     with pytest.raises(QSearchError, match=r"cannot change \['budget'\]"):
         resume_experiment(tmp_path, overrides={"budget": "8KB"})
+
+
+def test_resume_hands_the_data_parallel_and_gpu_path_flags_to_the_spec(tmp_path, capsys,
+                                                                        monkeypatch):
+    seen = []
+
+    def connect(runner):  # stand-in for starting Ray: record what the resume would run
+        seen.append(runner.spec)
+        raise QSearchError("stopped before starting Ray")
+
+    monkeypatch.setattr("qsearch.experiment.connect", connect)
+    (tmp_path / "spec.json").write_text(SPEC)
+    code = main(["resume", str(tmp_path), "--workers-per-trial", "2", "--cpus-per-worker", "2",
+                 "--gpus-per-worker", "0", "--bf16", "--channels-last", "--pin-memory"])
+    check_one_line(capsys, code, "stopped before starting Ray")
+    (spec,) = seen
+    assert (spec.workers_per_trial, spec.cpus_per_worker, spec.gpus_per_worker) == (2, 2.0, 0.0)
+    assert spec.bf16 and spec.channels_last and spec.pin_memory
+
+
+RESUME_FLAGS = {"--address", "--cpus-per-trial", "--gpus-per-trial", "--workers-per-trial",
+                "--cpus-per-worker", "--gpus-per-worker", "--concurrency", "--max-failures",
+                "--time-budget"}
+RESUME_CASES = [  # the run cases of those flags alone, and one a resume meets on its spec
+    *[(argv[2:], expected, {}) for argv, expected in CASES if argv[:2] == ["--budget", "6KB"]
+      and argv[2:] and {a for a in argv[2:] if a.startswith("--")} <= RESUME_FLAGS],
+    (["--workers-per-trial", "4"], "train batch size 30 does not split over "
+     "--workers-per-trial 4", {"train": {"steps": 5, "batch_size": 30}}),
+]
+
+
+@pytest.mark.parametrize("argv, expected, spec", RESUME_CASES,
+                         ids=[" ".join(c[0])[:60] for c in RESUME_CASES])
+def test_resume_refuses_bad_run_settings_as_run_does(argv, expected, spec, tmp_path, capsys):
+    """`qsearch resume` takes the run settings through the same flags as `run`, and refuses
+    a bad value with the same line."""
+    (tmp_path / "spec.json").write_text(json.dumps({**json.loads(SPEC), **spec}))
+    check_one_line(capsys, main(["resume", str(tmp_path), *argv]), expected)
+    assert not (tmp_path / "results.parquet").exists()

@@ -26,7 +26,7 @@ from qsearch.data import load_dataset
 from qsearch.experiment import run_experiment
 from qsearch.parallel import Shard
 from qsearch.qlayers import quantize_model
-from qsearch.ray_train import ANSWER_TIMEOUT_S
+from qsearch.ray_train import ANSWER_TIMEOUT_S, TrainBoard
 from qsearch.runner import Runner
 from qsearch.space import SearchSpace
 from qsearch.spec import Spec
@@ -127,6 +127,25 @@ def test_two_workers_take_the_single_process_steps(tmp_path):
     assert abs(ranks[0]["val_acc"] - one["val_acc"]) <= 0.01  # 2 of 200 images may flip
     assert ranks[1]["val_acc"] is None  # only rank 0 evaluates
     assert any(ev for _, ev in ranks[0]["seen"]) and not any(ev for _, ev in ranks[1]["seen"])
+
+
+def test_data_parallel_bookkeeping_lives_on_its_own_board():
+    """The stop board only takes stop requests; the Train board holds what rank 0 of a
+    data-parallel trial waits for (the runner's answer to each report) and the trials Tune
+    ended."""
+    from qsearch.ray_tune import StopBoard
+
+    assert {m for m in vars(StopBoard) if not m.startswith("_")} == {"stop", "requested"}
+    board = TrainBoard()
+    assert board.answer("t", "k1") is None  # not seen yet: rank 0 waits
+    board.saw("t", "k1", False)
+    assert board.answer("t", "k1") is False
+    board.saw("t", "k2", True)
+    board.saw("t", "k3", False)
+    assert board.answer("t", "k2") is board.answer("t", "k3") is True  # a stop holds
+    assert not board.ended("u")
+    board.end("u")
+    assert board.ended("u") and board.answer("u", "never seen") is True
 
 
 def test_default_concurrency_counts_workers_and_gpu_shares():

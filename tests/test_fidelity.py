@@ -166,8 +166,10 @@ def test_end_to_end_run_stores_rows_and_prints_the_table(tmp_path):
     assert sorted(m["steps"] for m in metrics) == [5, 5, 5, 10, 10, 10]  # trained that long
     big = tmp_path / "fid-big"
     r = qsearch("fidelity", "--dataset", "synthetic", "--budget", "8KB", "--candidates", "3",
-                "--steps", "5,10", "--batch-size", "32", "--out", str(big))
+                "--steps", "5,10", "--batch-size", "32", "--seeds", "2", "--out", str(big))
     assert r.returncode == 0, r.stderr
+    assert "Seed noise against trial length" in r.stdout and "| 10 | 2 x 3 |" in r.stdout
+    assert "Seed noise" not in qsearch("fidelity", "--report", str(out)).stdout  # one seed
     both = qsearch("fidelity", "--compare", str(out), str(big))
     assert both.returncode == 0, both.stderr
     assert "ranking at 6KB against 8KB" in both.stdout and "| 10 | 3 |" in both.stdout

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import re
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from qsearch.leaderboard import (
     FORMATS,
     PAIRED,
     WELCH,
+    footnotes,
     format_leaderboard,
     leaderboard,
     load_experiments,
@@ -323,3 +325,21 @@ def test_no_uniform_at_the_budget_shows_a_dash(tmp_path):
         make_experiment(tmp_path, "uniform", "64KB", None, 1.0, [0.90, 0.91])]))
     assert all(e["vs_uniform"] is None for e in entries)
     assert rows_of(format_leaderboard(entries))["tpe"][10] == "-"
+
+
+def test_footnote_states_the_final_retrain_noise_and_the_seeds_a_half_point_needs(tmp_path):
+    from qsearch.seed_noise import half_width, noise_row, seeds_needed
+
+    plan = {"tpe": [0.90, 0.88, 0.91], "random": [0.89, 0.91, 0.885],
+            "uniform": [0.89, 0.91, 0.885]}  # the same candidate as random: counted once
+    entries = leaderboard(load_experiments(
+        [make_experiment(tmp_path, s, "32KB", None, 1.0, a) for s, a in plan.items()]))
+    row = noise_row(0.0, {0: dict(enumerate(plan["tpe"])), 1: dict(enumerate(plan["random"]))})
+    line = next(n for n in footnotes(entries) if n.startswith("final-retrain noise"))
+    assert "over 2 entries x 3 shared seeds" in line
+    assert f"seed std {row.seed_std * 100:.2f} points" in line
+    assert f"paired std {row.paired_std * 100:.2f}" in line
+    n = seeds_needed(row.seed_std, 0.005)
+    assert half_width(row.seed_std, n) <= 0.005 < half_width(row.seed_std, n - 1)
+    assert f"±0.5 needs {n} seeds" in line
+    assert seeds_needed(0.5, 0.005) is None and seeds_needed(math.nan, 0.005) is None

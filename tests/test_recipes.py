@@ -23,3 +23,17 @@ def test_recipe_dry_runs(recipe, tmp_path, capsys, monkeypatch):
 def test_the_recipes_are_all_there():
     assert {r.stem for r in RECIPES} >= {"leaderboard-fmnist", "bitwidth-ordering",
                                          "depthwise", "imagenet-table3"}
+
+
+def test_strategy_all_means_the_search_strategies_not_the_fidelity_tool(tmp_path, capsys,
+                                                                        monkeypatch):
+    from qsearch.strategy import list_strategies
+
+    monkeypatch.chdir(tmp_path)
+    recipe = Path(__file__).parent.parent / "experiments/leaderboard-fmnist.yaml"
+    assert main(["run", str(recipe), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    searches = list_strategies(search_only=True)
+    assert "fidelity" in list_strategies() and "fidelity" not in searches
+    assert "leaderboard-fmnist/fidelity-" not in out
+    assert out.count("== experiment ") == 2 * len(searches)  # x 2 budgets

@@ -133,6 +133,26 @@ def test_inline_stop_request_ends_the_trial_at_that_evaluation(tmp_path):
     assert runner.strategy.asked == [(row["trial_id"], 4)]
 
 
+def test_wall_seconds_count_the_running_spans_not_the_pauses(tmp_path):
+    """A trial HyperBand pauses and resumes is charged for the time it ran, not the time it
+    sat paused; a scheduler that ends it while paused leaves its last report to stand."""
+    (tmp_path / "exp").mkdir()
+    runner = Runner(spec(tmp_path, trials=1), tmp_path / "exp", inline=True,
+                    display=Display(stream=io.StringIO()))
+    now = iter([100.0, 103.0, 500.0, 502.0])  # start, pause, resume, end
+    runner.running.clock = lambda: next(now)
+    runner.suggest("t")
+    runner.started_trial("t")
+    runner.on_result("t", {"step": 4, "val_acc": 0.5, "final": False})
+    for _ in range(3):  # the executor says so at every step while the trial is paused
+        runner.paused_trial("t")
+    runner.started_trial("t")
+    runner.started_trial("t")  # e.g. an actor reused: the running span goes on
+    runner.complete("t", None, error=False)
+    (row,) = runner.rows()
+    assert row["status"] == "stopped" and row["wall_seconds"] == 5.0
+
+
 RAY_STOP = textwrap.dedent("""
     import io, json, sys
     from pathlib import Path

@@ -18,6 +18,7 @@ from qsearch.strategy import (
     GridStrategy,
     Proposal,
     Result,
+    best_at_highest_fidelity,
     create_strategy,
     list_strategies,
 )
@@ -184,6 +185,18 @@ def test_grid_best_cell_is_the_best_at_the_highest_fidelity(space):
     restored = make("uniform", space)
     restored.load_state_dict(json.loads(json.dumps(s.state_dict())))
     assert restored.stopped_at == {0: 4, 2: 12}
+
+
+def test_one_rule_picks_the_best_at_the_highest_fidelity():
+    """The rule behind both GridStrategy.best_cell and the final stage's best_row."""
+    items = [("a", 0.9, 4), ("b", 0.5, math.inf), ("c", 0.7, math.inf), ("d", 0.7, math.inf)]
+
+    def pick(xs):
+        return best_at_highest_fidelity(xs, accuracy=lambda x: x[1], fidelity=lambda x: x[2])
+
+    assert pick(items)[0] == "c"  # full length beats stopped; the first on ties
+    assert pick([items[0], ("e", 0.95, 2)])[0] == "a"  # else those stopped at the most steps
+    assert pick([]) is None
 
 
 # ----- GridStrategy's prelude hook ----------------------------------------------------

@@ -1,0 +1,269 @@
+"""Your own model (issue 17, first slice): torchvision builders and user factories get the
+layer inventory and the exact cost model in fixed-width mode; `qsearch run` refuses them in
+one line until fixed-width search lands."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+from qsearch import QSearchError
+from qsearch.budget import Budget
+from qsearch.cli import main
+from qsearch.space import SearchSpace
+from qsearch.spaces import get_family
+
+# torchvision models not in spaces/ (the zoo's resnet18 is our own build of the same layout)
+TORCHVISION = ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "regnet_x_400mf",
+               "shufflenet_v2_x0_5"]
+SHAPES = {"cifar10": (3, 10, 32), "fashion-mnist": (1, 10, 28), "synthetic": (1, 4, 16)}
+
+
+def independent_count(arch: str, dataset: str) -> list[tuple[int, int]]:
+    """(weights, MACs) of every Conv2d/Linear in call order, from a real CPU forward."""
+    in_channels, num_classes, size = SHAPES[dataset]
+    model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes).eval()
+    if in_channels != 3:  # the documented stem swap: same conv, in_channels inputs
+        name, conv = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, nn.Conv2d(
+            in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+            bias=conv.bias is not None))
+    found: dict[nn.Module, tuple[int, int]] = {}
+
+    def hook(mod, inp, out):
+        hw = out.shape[2] * out.shape[3] if isinstance(mod, nn.Conv2d) else 1
+        found.setdefault(mod, (mod.weight.numel(), mod.weight.numel() * hw))
+
+    for mod in model.modules():
+        if isinstance(mod, (nn.Conv2d, nn.Linear)):
+            mod.register_forward_hook(hook)
+    with torch.no_grad():
+        model(torch.zeros(1, in_channels, size, size))
+    return list(found.values())
+
+
+@pytest.mark.parametrize("arch, dataset", [*[(a, "cifar10") for a in TORCHVISION],
+                                           ("resnet18", "fashion-mnist"),
+                                           ("mobilenet_v3_small", "synthetic")])
+def test_cost_model_equals_an_independent_count(arch, dataset):
+    counted = independent_count(arch, dataset)
+    weights = [w for w, _ in counted]
+    macs = [m for _, m in counted]
+    free = SearchSpace(f"torchvision:{arch}", dataset, pin_bits=None, a_bits=4)
+    assert [l.params for l in free.layers] == weights
+    assert [l.macs for l in free.layers] == macs
+    for bits in (1, 3, 8, 32):
+        cand = free.candidate(bits)
+        assert free.c_size(cand) == bits * sum(weights)
+        assert free.bitops(cand) == bits * (macs[0] * 8 + 4 * sum(macs[1:]))
+    pinned = SearchSpace(f"torchvision:{arch}", dataset, a_bits=3)  # first/last at 8 bit
+    cand = pinned.candidate(2)
+    assert pinned.c_size(cand) == 8 * (weights[0] + weights[-1]) + 2 * sum(weights[1:-1])
+    assert pinned.bitops(cand) == (8 * 8 * macs[0] + 8 * 3 * macs[-1]
+                                   + 2 * 3 * sum(macs[1:-1]))
+
+
+def test_roles_of_a_torchvision_model():
+    space = SearchSpace("torchvision:mobilenet_v3_small", "cifar10")
+    roles = [l.role for l in space.layers]
+    assert roles[0] == "stem" and roles[-2:] == ["fc", "fc"]
+    assert roles.count("depthwise") == 11  # one per inverted residual block
+    assert get_family("torchvision:mobilenet_v3_small").fixed_width
+    assert space.plan(1.0) == {} and space.groups["depthwise"]
+
+
+FACTORY = '''
+import torch
+import torch.nn as nn
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.reduce, self.expand = nn.Conv2d(c, c // 4, 1), nn.Conv2d(c // 4, c, 1)
+
+    def forward(self, x):
+        s = x.mean((2, 3), keepdim=True)
+        return x * torch.sigmoid(self.expand(torch.relu(self.reduce(s))))
+
+
+class Attention(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, t):
+        q, k, v = self.qkv(t).chunk(3, dim=-1)
+        w = torch.softmax(q @ k.transpose(1, 2) / q.shape[-1] ** 0.5, dim=-1)
+        return self.proj(w @ v)
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes, in_channels):
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        self.dw = nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=16, bias=False)
+        self.se = SqueezeExcite(16)
+        self.pw = nn.Conv2d(16, 32, 1, bias=False)
+        self.mix = nn.Conv1d(32, 32, 3, padding=1)  # not quantized: stays float
+        self.attn = Attention(32)
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        x = self.pw(self.se(self.dw(torch.relu(self.bn(self.stem(x))))))
+        t = self.mix(x.flatten(2)).transpose(1, 2)  # (N, tokens, 32)
+        return self.fc(self.attn(t).mean(1))
+
+
+def build(*, num_classes, in_channels):
+    return Net(num_classes, in_channels)
+
+
+def wrong_signature(num_classes):
+    return Net(num_classes, 3)
+
+
+def needs_depth(num_classes, in_channels, depth):
+    return Net(num_classes, in_channels)
+
+
+def flat_only(num_classes, in_channels):
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * 32 * 32, num_classes))
+
+
+def no_layers(num_classes, in_channels):
+    return nn.Sequential(nn.BatchNorm2d(in_channels), nn.ReLU())
+
+
+def not_a_model(num_classes, in_channels):
+    return "resnet"
+
+
+def raises(num_classes, in_channels):
+    raise RuntimeError("cannot build today")
+
+
+not_callable = 3
+'''
+
+
+@pytest.fixture
+def factory(tmp_path):
+    path = tmp_path / "mynet.py"
+    path.write_text(FACTORY)
+    return path
+
+
+def test_user_factory_inventory_roles_counts_and_float_layers(factory):
+    with pytest.warns(UserWarning, match=r"Conv1d x1 \(mix\)") as caught:
+        space = SearchSpace(f"{factory}:build", "synthetic", pin_bits=None)
+    assert len(caught) == 1
+    assert [(l.name, l.role) for l in space.layers] == [
+        ("stem", "stem"), ("dw", "depthwise"), ("se.reduce", "pointwise"),
+        ("se.expand", "pointwise"), ("pw", "pointwise"), ("attn.qkv", "fc"),
+        ("attn.proj", "fc"), ("fc", "fc")]
+    tokens = 8 * 8  # 16x16 input, one stride-2 conv
+    by_name = {l.name: l for l in space.layers}
+    assert by_name["dw"].fan_in == 9 and by_name["dw"].macs == 16 * 9 * 64
+    assert by_name["se.reduce"].macs == 16 * 4 and by_name["se.expand"].out_hw == (1, 1)
+    assert by_name["attn.qkv"].macs == 32 * 96 * tokens and by_name["attn.qkv"].in_hw == (64, 1)
+    assert by_name["fc"].macs == 32 * 4
+    cand = space.candidate(4)
+    assert space.c_size(cand) == 4 * sum(l.params for l in space.layers)
+    model = space.build(cand)
+    floats = sum(p.numel() for p in model.parameters()) - sum(l.params for l in space.layers)
+    floats += 2 * 16  # BN running mean and variance
+    assert space.packed_bytes(cand)["float_bytes"] == 4 * floats  # the Conv1d included
+
+
+def test_factory_from_an_importable_module(factory, monkeypatch):
+    package = factory.parent / "qs_user_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "nets.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(factory.parent))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        space = SearchSpace("qs_user_pkg.nets:build", "cifar10")
+    assert space.family.fixed_width and len(space.layers) == 8
+    assert space.layers[0].cin == 3 and space.layers[-1].cout == 10
+
+
+def test_module_called_twice_is_one_layer(tmp_path):
+    path = tmp_path / "twice.py"
+    path.write_text("import torch.nn as nn\n\nclass Twice(nn.Module):\n"
+                    "    def __init__(self, num_classes, in_channels):\n"
+                    "        super().__init__()\n"
+                    "        self.conv = nn.Conv2d(in_channels, in_channels, 3, padding=1)\n"
+                    "        self.fc = nn.Linear(in_channels, num_classes)\n"
+                    "    def forward(self, x):\n"
+                    "        return self.fc(self.conv(self.conv(x)).mean((2, 3)))\n")
+    with pytest.warns(UserWarning, match=r"called more than once.*conv \(2 calls\)"):
+        space = SearchSpace(f"{path}:Twice", "synthetic")
+    assert [l.name for l in space.layers] == ["conv", "fc"]
+
+
+def test_fixed_width_align_fits_or_names_the_bits(factory):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        space = SearchSpace(f"{factory}:build", "synthetic")
+    cand = space.candidate(2)
+    size = space.c_size(cand)
+    aligned = space.align(cand, Budget("size", size))
+    assert aligned.candidate == cand and aligned.candidate.width == 1.0 and aligned.ratio == 1
+    with pytest.raises(QSearchError, match=r"above the budget .*through its bits") as e:
+        space.align(cand, Budget("size", size - 1))
+    assert "\n" not in str(e.value)
+    with pytest.raises(QSearchError, match="leave the width at 1"):
+        space.candidate(2, width=0.5)
+
+
+ERRORS = [  # (model, text the one-line error must contain)
+    ("torchvision:resnet19", "unknown torchvision model 'resnet19' (close names: resnet18"),
+    ("torchvision:zzz", "e.g. resnet18, mobilenet_v3_small"),
+    ("{dir}/missing.py:build", "factory file '{dir}/missing.py' not found"),
+    ("{dir}/broken.py:build", "could not be imported (SyntaxError"),
+    ("no_such_package_qs.models:build", "module 'no_such_package_qs.models' of model"),
+    ("{dir}/mynet.py:nothere", "has no callable 'nothere'"),
+    ("{dir}/mynet.py:not_callable", "has no callable 'not_callable'"),
+    ("{dir}/mynet.py:wrong_signature", "does not accept in_channels (its signature is "
+     "wrong_signature(num_classes))"),
+    ("{dir}/mynet.py:needs_depth", "requires depth, which qsearch does not pass"),
+    ("{dir}/mynet.py:flat_only", "fails on the dataset's input of shape (1, 1, 16, 16) "
+     "(RuntimeError: "),
+    ("torchvision:vit_b_16", "(AssertionError: Wrong image height! Expected 224 but got 16!)"),
+    ("{dir}/mynet.py:no_layers", "has no Conv2d or Linear layer that its forward calls"),
+    ("{dir}/mynet.py:not_a_model", "returned a str, not a torch.nn.Module"),
+    ("{dir}/mynet.py:raises", "(RuntimeError: cannot build today): fix the factory"),
+    ("{dir}/mynet.py:", "not understood: use a registered family, torchvision:NAME"),
+    ("resnet21", "or any torchvision classifier as torchvision:NAME"),
+]
+
+
+@pytest.mark.parametrize("model, expected", ERRORS, ids=[e[0] for e in ERRORS])
+def test_errors_are_one_line_with_the_fix(model, expected, factory):
+    (factory.parent / "broken.py").write_text("def build(:\n")
+    where = str(factory.parent)
+    with pytest.raises(QSearchError) as e:
+        SearchSpace(model.format(dir=where), "synthetic")
+    assert expected.format(dir=where) in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_space_show_prints_the_table(capsys):
+    argv = ["space", "show", "--model", "torchvision:resnet18", "--dataset", "cifar10"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == ("torchvision:resnet18 on cifar10: 21 quantizable layers, fixed width "
+                      "(its own channels), activations 4 bit")
+    assert out[3].split()[:4] == ["0", "conv1", "stem", "3"]
+    assert out[-1].startswith("C_size 5.593MB (44746240 bits)")
+    assert main([*argv, "--bits", "2", "--budget", "3MB"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == ("fits 3MB at fixed width: 93.46% of "
+                                                        "the budget")
