@@ -76,8 +76,8 @@ def noise_row(length: float, by_candidate: dict[int, dict[int, float]]) -> Noise
     None when fewer than two seeds or two candidates remain."""
     from scipy import stats
 
-    seeds = sorted(set.intersection(*(set(s) for s in by_candidate.values())))
     cands = sorted(by_candidate)
+    seeds = sorted(set.intersection(*(set(s) for s in by_candidate.values()))) if cands else []
     if len(seeds) < 2 or len(cands) < 2:
         return None
     acc = np.array([[by_candidate[c][s] for s in seeds] for c in cands])

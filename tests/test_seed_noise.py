@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from qsearch.seed_noise import format_noise, half_width, noise_report
+from qsearch.seed_noise import format_noise, half_width, noise_report, retrain_noise
 
 
 def row(length, cand, seed, acc, status="ok"):
@@ -69,3 +69,4 @@ def test_markdown_table_lists_measured_and_projected_seed_counts():
     assert "entry CI ± (4 seeds)" in head and "entry CI ± (3 seeds)" in head
     assert "| 100 | 4 x 2 |" in text and "1 / 0 of 1" in text
     assert format_noise([]) == ""
+    assert noise_report([]) == [] and retrain_noise([]) is None and retrain_noise([{}]) is None
