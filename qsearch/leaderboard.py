@@ -220,6 +220,7 @@ def _rank(group: list[dict[str, Any]]) -> None:
         p = float(res.pvalue)
         e["p_vs_best"] = p if math.isfinite(p) else None
         same = e["test_acc_mean"] == best["test_acc_mean"]
+        e["same_as_best"] = same and not math.isfinite(p)  # the same numbers (same candidate)
         (tied if (p >= ALPHA if math.isfinite(p) else same) else below).append(e)
     for e in tied:
         e["rank"], e["rank_shared"] = 1, len(tied) > 1
@@ -349,6 +350,8 @@ def _vs_best(e: dict[str, Any]) -> str:
         return "-"
     if e["rank_test"] is None:
         return "best"
+    if e.get("same_as_best"):
+        return "same results"
     p = e["p_vs_best"]
     name = "paired" if e["rank_test"] == PAIRED else "Welch"
     return f"{name} p{'=n/a' if p is None else '<0.001' if p < 0.001 else f'={p:.3f}'}"

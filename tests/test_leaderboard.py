@@ -343,3 +343,13 @@ def test_footnote_states_the_final_retrain_noise_and_the_seeds_a_half_point_need
     assert half_width(row.seed_std, n) <= 0.005 < half_width(row.seed_std, n - 1)
     assert f"±0.5 needs {n} seeds" in line
     assert seeds_needed(0.5, 0.005) is None and seeds_needed(math.nan, 0.005) is None
+
+
+def test_the_same_candidate_found_by_two_strategies_shows_same_results(tmp_path):
+    accs = [0.85, 0.84, 0.82]
+    entries = leaderboard(load_experiments(
+        [make_experiment(tmp_path, s, "32KB", None, 1.0, accs) for s in ("dualprecision",
+                                                                          "uniform")]))
+    assert [(e["rank"], e["rank_shared"]) for e in entries] == [(1, True), (1, True)]
+    text = format_leaderboard(entries)
+    assert "same results" in " ".join(rows_of(text)["uniform"]) and "p=n/a" not in text
