@@ -182,7 +182,7 @@ def experiment_report(directory: str | Path, fmt: str = "table") -> str:
     if not (d / SPEC_FILE).exists() or not (d / RESULTS_FILE).exists():
         raise QSearchError(f"{str(d)!r} holds no finished trials of an experiment: give the "
                            "--out directory of a `qsearch fidelity` run")
-    spec, rows = read_spec(d / SPEC_FILE), ResultsStore(d).rows
+    spec, rows = read_spec(d / SPEC_FILE), trial_rows(ResultsStore(d).rows)  # decoded once
     report = fidelity_report(rows, cpus_per_trial=spec.cpus_per_trial, seed=spec.seed)
     kw = spec.strategy_kwargs
     unit = "epochs" if kw.get("epochs") is not None else "steps"
@@ -192,7 +192,7 @@ def experiment_report(directory: str | Path, fmt: str = "table") -> str:
     title = (f"Proxy fidelity: {spec.model} on {spec.dataset} at {at}, "
              f"{kw.get('candidates', 12)} candidates x {kw.get('seeds', 1)} seed(s)")
     text = format_report(report, unit=unit, title=title, fmt=fmt)
-    noise = format_noise(noise_report(trial_rows(rows)), unit=unit)
+    noise = format_noise(noise_report(rows), unit=unit)
     return text + (f"\n\nSeed noise against trial length:\n\n{noise}" if noise else "")
 
 
