@@ -66,18 +66,25 @@ def cmd_space_show(args) -> None:
 _RUN_FLAGS = (  # flags that set the spec key of their name (flags override the recipe)
     "strategy", "budget", "model", "dataset", "proxy_budget", "trials", "seed", "out",
     "a_bits", "final_seeds", "name", "scheduler", "min_steps", "reduction_factor",
-    "width_min", "width_max", *RUN_SETTINGS)
+    "width_min", "width_max", "evaluator", "supernet_cache", "top_k", *RUN_SETTINGS)
 
 
 def specs_from_args(args):
     """One spec per experiment: the recipe (expanded over its matrix) with flags on top."""
+    from qsearch.evaluator import search_defaults
+    from qsearch.models import portable_name
     from qsearch.spec import Spec, expand_matrix, load_yaml
-    from qsearch.strategy import list_strategies
+    from qsearch.strategy import get_strategy, list_strategies
 
     base = load_yaml(args.recipe) if args.recipe else {}
     strategies = list_strategies(search_only=True) if base.get("matrix") else []
-    return [_apply_flags(Spec.from_dict(d, source=args.recipe or "spec"), args)
-            for d in expand_matrix(base, strategies)]
+    if base.get("evaluator") == "supernet":  # `strategy: all` then means those it can serve
+        strategies = [n for n in strategies if get_strategy(n).train_trials]
+    flags = {key for key in _RUN_FLAGS if getattr(args, key) is not None}
+    specs = [search_defaults(_apply_flags(Spec.from_dict(d, source=args.recipe or "spec"),
+                                          args), set(d) | flags)
+             for d in expand_matrix(base, strategies)]
+    return [s.replace(model=portable_name(s.model)) for s in specs]
 
 
 def _apply_flags(spec, args):
@@ -101,8 +108,9 @@ def _apply_flags(spec, args):
         if getattr(args, flag) is not None:
             data[key] = getattr(args, flag)
     over["data"] = data
-    if args.final_epochs is not None:
-        over["final_train"] = {**spec.final_train, "epochs": args.final_epochs}
+    for flag, key in (("final_epochs", "final_train"), ("supernet_epochs", "supernet_train")):
+        if getattr(args, flag) is not None:
+            over[key] = {**getattr(spec, key), "epochs": getattr(args, flag)}
     if args.strategy_arg:
         over["strategy_kwargs"] = {**spec.strategy_kwargs, **dict(args.strategy_arg)}
     return spec.replace(**over)
@@ -318,6 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--final-seeds", type=int, help="retrain the final candidate at the "
                      "target budget with this many seeds and report test accuracy")
     run.add_argument("--final-epochs", type=float, help="epochs of that retrain (default 1)")
+    run.add_argument("--evaluator", help="train (each candidate trained, default) or "
+                     "supernet (cut out of one trained weight-sharing network, seconds each)")
+    run.add_argument("--supernet-epochs", type=float, help="supernet training (default 2)")
+    run.add_argument("--supernet-cache", help="trained supernets (default runs/supernets)")
+    run.add_argument("--top-k", type=int, help="best candidates by supernet accuracy "
+                     "retrained stand-alone before the final stage (default 3)")
     run.set_defaults(fn=cmd_run)
 
     res = sub.add_parser("resume", help="continue an interrupted experiment (where and how "

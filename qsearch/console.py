@@ -134,8 +134,9 @@ class Display:
 
 # ----- fixed texts ------------------------------------------------------------------------
 def start_lines(spec: Spec, budgets: Budgets, out: object) -> list[str]:
+    evaluator = ", supernet evaluator" if spec.evaluator == "supernet" else ""
     lines = [f"qsearch: {spec.strategy} on {spec.model}/{spec.dataset}, budget "
-             f"{budgets.target} ({spec.trials} trials max, output {out})"]
+             f"{budgets.target} ({spec.trials} trials max{evaluator}, output {out})"]
     if budgets.reason:
         lines.append(f"proxy: searching at {budgets.search} because {budgets.reason}; the "
                      f"winner is re-aligned to {budgets.target}")
@@ -153,7 +154,8 @@ def summary_lines(best: dict, cand, cost: float, space: SearchSpace,
     early = (f", stopped early at {best.get('steps')} steps: no trial ran its full length"
              if best["status"] == "stopped" else "")
     return [
-        f"best: {best['strategy']} trial {best['trial_index']} val acc {best['val_acc']:.2%} "
+        f"best: {best['strategy']} trial {best['trial_index']} val acc {best['val_acc']:.2%}"
+        f"{' (cut out of the supernet)' if best.get('task') == 'supernet-eval' else ''} "
         f"at {format_cost(best['c_size'], 'size')} (width {best['width']:.4g}, search budget "
         f"{b.search}{early})",
         f"final candidate {where}: width {cand.width:.4g}, C_size "
@@ -170,9 +172,16 @@ def plan_lines(spec: Spec, space: SearchSpace, budgets: Budgets,
     from qsearch.strategy import FINISHED
 
     b = budgets
+    each = "supernet evaluations" if spec.evaluator == "supernet" else \
+        f"trials of {json.dumps(spec.train)}"
     lines = [f"plan: {spec.strategy} on {spec.model}/{spec.dataset}, target {b.target}, search "
              f"at {b.search}{' (proxy: ' + b.reason + ')' if b.reason else ''}, up to "
-             f"{spec.trials} trials of {json.dumps(spec.train)}"]
+             f"{spec.trials} {each}"]
+    if spec.evaluator == "supernet":
+        lines.append(f"  evaluator supernet: trained first ({json.dumps(spec.supernet_train)}; "
+                     f"reused from {spec.supernet_cache} when there), each train trial below "
+                     f"is cut out of it; then the {spec.top_k} best retrained stand-alone "
+                     f"({json.dumps(spec.train)})")
     if schedule := scheduler_settings(spec):
         lines.append(f"  scheduler {schedule_text(schedule)}")
     for i in range(spec.trials):

@@ -15,12 +15,14 @@ from pathlib import Path
 
 from qsearch import QSearchError
 from qsearch.console import Display, plan_lines, start_lines, summary_lines
+from qsearch.evaluator import SupernetTraining, TopK, cached_info
 from qsearch.files import FINAL_FILE, LOCK_FILE, RESULTS_FILE, SPEC_FILE, SUMMARY_FILE
 from qsearch.final import FinalRetrain, final_candidate, seed_summary
 from qsearch.planning import check_writable, plan_budgets, validate_run_settings
 from qsearch.runner import Runner, StateFile, connect, execute, failed_count
 from qsearch.schedule import rung_counts
 from qsearch.spec import RUN_SETTINGS, Spec, read_spec, space_from_spec
+from qsearch.store import ResultsStore
 from qsearch.strategy import create_strategy
 
 RESUME_OVERRIDES = RUN_SETTINGS  # where and how trials run, not what they search
@@ -77,6 +79,10 @@ def _drive(runner: Runner, *, resumed: bool) -> Runner:
     if resumed:
         say(f"resume: {done} trials already stored, {len(runner.replay)} to run again, "
             f"strategy state restored")
+    if runner.supernet_dir:
+        runner.start_clock()  # the supernet's training counts against this sitting's time
+        if not run_supernet(runner):
+            return runner
     try:
         if spec.trials - done > 0:
             execute(runner, spec.trials - done, f"{runner.stage}-{_runs_so_far(runner.out)}")
@@ -89,8 +95,75 @@ def _drive(runner: Runner, *, resumed: bool) -> Runner:
             f"{max(0, spec.trials - len(runner.rows()) - left)} not started: "
             f"`qsearch resume {runner.out} --time-budget 30m` continues")
     summarize(runner)
+    chosen = run_top_k(runner) if runner.supernet_dir and runner.remaining_s() != 0 \
+        else runner
     if spec.final_seeds and runner.remaining_s() != 0:
-        run_final(runner)
+        run_final(chosen)
+    return runner
+
+
+def _stage(search: Runner, stage: str, strategy, what: str) -> Runner:
+    """Run the stage ``stage`` of the experiment to its end (or this sitting's time)."""
+    runner = Runner(search.spec, search.out, stage=stage, strategy=strategy,
+                    state=StateFile(search.out, stage).load(), inline=search.inline,
+                    display=search.display)
+    runner.deadline = search.deadline  # one time budget for the sitting's stages
+    runner.save_state()
+    runner.display.say(what)
+    left = (runner.strategy.expected_trials() or 0) - len(runner.rows())
+    try:
+        if left > 0:
+            execute(runner, left, f"{stage}-{_runs_so_far(search.out)}")
+    finally:
+        runner.display.close()
+    return runner
+
+
+def run_supernet(search: Runner) -> bool:
+    """Train the search's supernet, unless the cache has it; False if it is not ready."""
+    directory, spec = search.supernet_dir, search.spec
+    say = search.display.say
+    info = cached_info(directory)
+    if info is None:
+        strategy = SupernetTraining(search.space, search.budgets.search,
+                                    directory=str(directory), seed=spec.seed)
+        stage = _stage(search, "supernet", strategy, f"supernet: training the "
+                       f"weight-sharing network at {search.budgets.search} "
+                       f"({json.dumps(spec.supernet_train)}) into {directory}")
+        search.store = ResultsStore(search.out)  # with the stage's row: the search appends
+        info = cached_info(directory)
+        if info is None and stage.unfinished():
+            search.blocked = "supernet"
+            say(f"supernet: training did not finish: `qsearch resume {search.out}` continues")
+            return False
+        if info is None:
+            errors = "; ".join(str(r["error"]) for r in stage.rows())
+            say(f"supernet: training failed ({errors[:300]}): nothing to search with")
+            return False
+    else:
+        say(f"supernet: reusing {directory}")
+    uniform = ", ".join(f"{k[8:]} {v:.2%}" for k, v in info.items() if k.startswith("val_acc_"))
+    say(f"supernet: trained {info['steps']} steps in {info['train_seconds'] / 60:.1f} min; "
+        f"uniform candidates cut out of it: {uniform} val acc")
+    return True
+
+
+def run_top_k(search: Runner) -> Runner:
+    """Retrain the candidates the supernet ranked first, stand-alone; summarise them."""
+    spec = search.spec
+    strategy = TopK(search.space, search.budgets.search, rows=search.rows(), k=spec.top_k,
+                    seed=spec.seed)
+    runner = _stage(search, "topk", strategy, f"top-k: retraining the {len(strategy.cells)} "
+                    "best candidates by supernet accuracy stand-alone "
+                    f"({json.dumps(spec.train)})")
+    summarize(runner)
+    spent = {stage: [r["wall_seconds"] or 0.0 for r in runner.store.rows if r["stage"] == stage]
+             for stage in ("supernet", "search", "topk")}
+    trained = f"{sum(spent['supernet']) / 60:.1f} min" if spent["supernet"] else \
+        "reused from the cache (0 min here)"
+    runner.display.say(f"search cost (trial wall time): supernet {trained}, "
+                       f"{len(spent['search'])} evaluations {sum(spent['search']) / 60:.1f} min, "
+                       f"{len(spent['topk'])} retrains {sum(spent['topk']) / 60:.1f} min")
     return runner
 
 
@@ -101,8 +174,9 @@ def _runs_so_far(out: Path) -> int:
 def summarize(runner: Runner) -> None:
     """Write ``summary.json`` and ``final.json``; print the end-of-run summary."""
     say, b, out = runner.display.say, runner.budgets, runner.out
-    (out / SUMMARY_FILE).write_text(json.dumps(runner.strategy.summary(), indent=2,
-                                               default=float))
+    if runner.stage == "search":
+        (out / SUMMARY_FILE).write_text(json.dumps(runner.strategy.summary(), indent=2,
+                                                   default=float))
     rows = runner.rows()
     failed = failed_count(rows)
     say(f"done: {len(rows)} trials ({failed} failed) in "

@@ -132,11 +132,15 @@ def _entry(rows: pd.DataFrame, lo: float, hi: float) -> dict[str, Any]:
     first = rows.iloc[0]
     kind, budget_value = str(first["budget_kind"]), float(first["budget_value"])
     search, final = rows[rows["stage"] == "search"], rows[rows["stage"] == "final"]
+    # --evaluator supernet: the search also cost the supernet's training and the top-k
+    # retrains, and its choice is the best retrained candidate, not a supernet number
+    spent = rows[rows["stage"].isin(("supernet", "search", "topk"))]
+    top = rows[rows["stage"] == "topk"]
     ok = final[(final["status"] == "ok") & np.isfinite(_num(final["test_acc"]))]
     accs = _num(ok["test_acc"]).to_numpy()
     seeds = _num(ok["seed"]).tolist() if "seed" in ok.columns else []
 
-    best = _best_search(search)
+    best = _best_search(top if len(top) else search)
     found = _final_candidate(ok if len(ok) else final, first.get("experiment_dir"), best)
     c_size, bitops, w_bits, source = found or (None, None, None, None)
     cost = c_size if kind == "size" else bitops
@@ -154,8 +158,10 @@ def _entry(rows: pd.DataFrame, lo: float, hi: float) -> dict[str, Any]:
                 else "final cost unknown: not ranked")
     else:
         note = ""
-    wall = _num(search["wall_seconds"]).fillna(0.0)
-    done = _num(search["finished_at"])
+    if len(top) and not (rows["stage"] == "supernet").any():
+        note = ", ".join(filter(None, [note, "supernet reused: its training not counted"]))
+    wall = _num(spent["wall_seconds"]).fillna(0.0)
+    done = _num(spent["finished_at"])
     cpus = _float(first.get("cpus_per_trial")) or 1.0
     return {
         "rank": None, "strategy": first["strategy"], "model": first["model"],

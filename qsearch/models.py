@@ -45,6 +45,15 @@ def resolve_model(name: str) -> Family:
     return factory_family(name, target, attr)
 
 
+def portable_name(name: str) -> str:
+    """``file.py:fn`` with the file's absolute path (trials run in other directories: a Ray
+    worker's, another node's); any other model name as it is."""
+    target, _, attr = name.rpartition(":")
+    if name.startswith(TORCHVISION) or not target.endswith(".py"):
+        return name
+    return f"{Path(target).expanduser().resolve()}:{attr}"
+
+
 def fixed_plan(width: float, **_) -> dict:
     """A fixed-width model has no channel plan: its channels are its own at every width."""
     return {}

@@ -39,13 +39,8 @@ def plan_budgets(spec: Spec, space: SearchSpace) -> Budgets:
     meaningful). A larger target is searched at that proxy and the winner is re-aligned.
     """
     target = parse_budget(spec.budget)
-    if space.family.fixed_width:  # the one place a run's search starts: refused here
-        raise QSearchError(
-            f"qsearch run is not supported yet for fixed-width models such as {spec.model!r}: "
-            "every strategy changes the width to meet the budget, and a search through the "
-            "bits alone is not built yet; what works now is the layer table and "
-            f"costs: qsearch space show --model {spec.model} --dataset {spec.dataset} "
-            f"--bits 4 --budget {spec.budget}")
+    if space.family.fixed_width:
+        return _fixed_width_budgets(spec, space, target)
     space.align(space.candidate(min(space.bit_choices)), target)  # errors if below minimum
     _check_reachable(spec, space, target)
     if spec.proxy_budget in (None, "none", "off"):
@@ -67,6 +62,25 @@ def plan_budgets(spec: Spec, space: SearchSpace) -> Budgets:
                            f"{spec.budget}: a proxy must be smaller")
     space.align(space.candidate(min(space.bit_choices)), proxy)
     return Budgets(target, proxy, "set by --proxy-budget")
+
+
+def _fixed_width_budgets(spec: Spec, space: SearchSpace, target: Budget) -> Budgets:
+    """A fixed-width model meets its budget through the bits alone, so it is searched at the
+    target: a proxy's winner is re-aligned by its width, which this model does not have."""
+    bits = min(space.bit_choices)
+    floor = space.cost(space.candidate(bits), target.kind)
+    if floor > target.value:
+        raise QSearchError(
+            f"budget {spec.budget!r} is below the smallest {spec.model} with these bits: every "
+            f"free layer at {bits} bits costs {format_cost(floor, target.kind)} (pinned "
+            f"layers at {space.pin_bits}): raise the budget to at least that, or lower "
+            "--pin-bits")
+    if spec.proxy_budget not in (None, "none", "off", "auto"):
+        raise QSearchError(
+            f"--proxy-budget {spec.proxy_budget} with the fixed-width model {spec.model}: a "
+            "proxy's winner is re-aligned to the target by its width, which this model does "
+            "not have; leave --proxy-budget out")
+    return Budgets(target, target, None)
 
 
 def _check_reachable(spec: Spec, space: SearchSpace, target: Budget) -> None:
@@ -91,16 +105,31 @@ def validate_run_settings(spec: Spec, *, load_data: bool = True) -> None:
     ``load_data=False`` (the dry run) checks everything but the dataset's files."""
     from qsearch.train_config import TrainConfig
 
-    for key in ("train", "final_train"):
+    for key in ("train", "final_train", "supernet_train"):
         check_train_settings(getattr(spec, key), key)
-        TrainConfig.from_dict({**getattr(spec, key), "seed": spec.seed})
+        try:
+            TrainConfig.from_dict({**getattr(spec, key), "seed": spec.seed})
+        except QSearchError as e:
+            raise QSearchError(f"{key}: {e}") from None
         batch = TrainConfig.recipe(spec.dataset, **getattr(spec, key)).batch_size
         check_global_batch(batch, spec.workers_per_trial, key)
     check_data_settings(spec.data)
+    check_evaluator(spec)
     if load_data and spec.dataset in ("fashion-mnist", "cifar10", "cifar100", "synthetic"):
         from qsearch.data import load_dataset
 
         load_dataset(spec.dataset, **spec.data)
+
+
+def check_evaluator(spec: Spec) -> None:
+    """The supernet evaluator stands in for ``train`` trials: refuse strategies without."""
+    from qsearch.strategy import get_strategy, list_strategies
+
+    if spec.evaluator == "supernet" and not get_strategy(spec.strategy).train_trials:
+        usable = [n for n in list_strategies(search_only=True) if get_strategy(n).train_trials]
+        raise QSearchError(f"--evaluator supernet with --strategy {spec.strategy}: its trials "
+                           "are not plain candidate trainings the supernet can stand in for; "
+                           f"use it with {', '.join(usable)}, or --evaluator train")
 
 
 def check_global_batch(batch_size: int, workers: int, what: str = "train") -> None:

@@ -14,6 +14,7 @@ driver died are run again under their original ids, from their last checkpoint i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from qsearch import QSearchError
 from qsearch.console import Display, Snapshot
+from qsearch.evaluator import supernet_dir
 from qsearch.files import RAY_LOG_FILE, state_file
 from qsearch.final import best_row
 from qsearch.planning import Budgets, budget_text, plan_budgets
@@ -100,14 +102,18 @@ class Runner:
         self.budgets = plan_budgets(spec, self.space)
         if stage == "final":
             self.budgets = Budgets(self.budgets.target, self.budgets.target, None)
-        self.train = spec.final_train if stage == "final" else spec.train
+        self.train = {"final": spec.final_train, "supernet": spec.supernet_train}.get(
+            stage, spec.train)
         self.schedule = scheduler_settings(spec) if stage == "search" else None
         if self.schedule:  # evaluate (and checkpoint) exactly at the rungs
             self.train = {**self.train, "eval_steps": self.schedule["rungs"]}
         self.strategy = strategy or create_strategy(
             spec.strategy, self.space, self.budgets.search, seed=spec.seed,
             **spec.strategy_kwargs)
-        self.strategy.max_trials = spec.trials if stage == "search" else spec.final_seeds
+        self.strategy.max_trials = {"search": spec.trials, "final": spec.final_seeds}.get(stage)
+        # --evaluator supernet: the search's `train` trials are evaluations of this supernet
+        self.supernet_dir = supernet_dir(spec, self.space, self.budgets.search) if (
+            stage == "search" and spec.evaluator == "supernet") else None
         self.store = ResultsStore(out)
         self.state_file = StateFile(out, stage)
         self.live: dict[str, dict] = {}  # trial id -> {"index", "proposal", "origin"}
@@ -115,6 +121,7 @@ class Runner:
         self.checkpoints: dict[str, str] = {}  # original trial id -> last checkpoint
         self.cut: dict[str, dict] = {}  # trials the time budget ended: run again on resume
         self.deadline: float | None = None
+        self.blocked: str | None = None  # an earlier stage that did not finish in this sitting
         self.running = RunningTime()  # the wall_seconds of each trial
         self.awaiting_error: dict[str, tuple[dict, float]] = {}
         self.next_index = 0
@@ -137,6 +144,9 @@ class Runner:
         proposal = self.strategy.ask(trial_id)
         if proposal is None or proposal == FINISHED:
             return proposal
+        if self.supernet_dir and proposal.task == "train":
+            proposal = dataclasses.replace(proposal, task="supernet-eval", params={
+                **proposal.params, "supernet": str(self.supernet_dir)})
         entry = {"index": self.next_index, "proposal": proposal.to_dict(), "origin": trial_id}
         self.next_index += 1
         self.live[trial_id] = entry
@@ -177,14 +187,16 @@ class Runner:
             self.save_state()
 
     def start_clock(self) -> None:
-        """The time budget of this sitting starts now (``spec.time_budget``)."""
-        if self.spec.time_budget:
+        """The time budget of this sitting starts now (``spec.time_budget``), unless an
+        earlier stage of this sitting started it."""
+        if self.spec.time_budget and self.deadline is None:
             self.deadline = time.time() + duration_seconds(self.spec.time_budget)
 
     def unfinished(self) -> int:
         """Trials begun but neither told nor stored (cut short by the time budget, or still
-        in flight when the executor returned): a resume runs them again."""
-        return len(self.live) + len(self.cut)
+        in flight when the executor returned), or the whole stage when an earlier one
+        (``blocked``) did not finish: a resume runs them again."""
+        return len(self.live) + len(self.cut) + (self.blocked is not None)
 
     def remaining_s(self) -> float | None:
         return None if self.deadline is None else max(0.0, self.deadline - time.time())

@@ -335,16 +335,57 @@ class SearchSpace:
                 "not its width; use lower bits or raise the budget")
         return Aligned(cand, cost, budget)
 
+    def fit(self, cand: Candidate, budget: Budget) -> Candidate:
+        """``cand`` made to fill the budget: width-aligned, or on a fixed-width model (no
+        width to solve) its bits lowered until it fits (:meth:`lower_to_fit`)."""
+        if self.family.fixed_width:
+            return self.lower_to_fit(cand, budget)
+        return self.align(cand, budget).candidate
+
+    def lower_to_fit(self, cand: Candidate, budget: Budget,
+                     levels: Sequence[int] | None = None) -> Candidate:
+        """``cand`` at its width with free layers lowered until it fits: HAQ's budget wall
+        (``_final_action_wall`` of its code), the rule a fixed-width model meets a budget by.
+
+        Walks the free layers from the last to the first, taking each one ``levels`` step
+        down (default: the space's bit choices) and stopping as soon as the model fits;
+        repeats the walk while it is over budget. A candidate that fits is returned as is.
+        """
+        levels = sorted(levels or self.bit_choices)
+        down = {b: levels[i - 1] for i, b in enumerate(levels) if i > 0}
+        bits = list(cand.w_bits)
+        def fits() -> bool:
+            return self.cost(Candidate(tuple(bits), cand.a_bits, cand.width, cand.channels),
+                             budget.kind) <= budget.value
+        while not fits():
+            lowered = False
+            for j in reversed(self.free_layers):
+                if bits[j] in down:
+                    bits[j], lowered = down[bits[j]], True
+                    if fits():
+                        break
+            if not lowered:
+                raise QSearchError(
+                    f"budget {budget} is below {self.model} at width {cand.width:g} with every "
+                    f"free layer at {levels[0]} bits: raise the budget")
+        return Candidate(tuple(bits), cand.a_bits, cand.width, cand.channels)
+
     @cached_property
     def _scalable_keys(self) -> list[str]:
         """Plan keys whose channel count follows the width multiplier."""
         small, large = self.plan(1.0), self.plan(4.0)
         return sorted({ch.key for n, ch in small.items() if int(large[n]) != int(ch)})
 
+    def top_up_limits(self, width: float) -> dict[str, int]:
+        """The most channels width alignment may add to each scalable plan key at ``width``:
+        ~25% of its width-multiplied count, in the family's channel steps."""
+        step = self.family.granularity
+        base = {ch.key: int(ch) for ch in self.plan(width).values()}
+        return {k: max(step, int(0.25 * base[k]) // step * step) for k in self._scalable_keys}
+
     def _top_up(self, cand: Candidate, budget: Budget) -> Candidate:
         step = self.family.granularity
-        base = {ch.key: int(ch) for ch in self.plan(cand.width).values()}
-        limit = {k: max(step, int(0.25 * base[k]) // step * step) for k in self._scalable_keys}
+        limit = self.top_up_limits(cand.width)
         extra = dict.fromkeys(limit, 0)
         while True:
             fits = []

@@ -96,6 +96,10 @@ class Spec:
     out: str | None = None
     final_seeds: int = 0  # retrain the final candidate at the target with this many seeds
     final_train: dict[str, Any] = field(default_factory=lambda: {"epochs": 1.0})
+    evaluator: str = "train"  # "supernet": weight-sharing evaluations (qsearch.evaluator)
+    supernet_train: dict[str, Any] = field(default_factory=lambda: {"epochs": 2.0})
+    supernet_cache: str = "runs/supernets"  # trained supernets, reused by later searches
+    top_k: int = 3  # candidates the supernet ranks first, retrained stand-alone
     name: str | None = None
     version: int = SPEC_VERSION
 
@@ -146,6 +150,26 @@ class Spec:
              "a directory, e.g. --out runs/exp1, or leave it out for runs/<strategy>-<time>"),
             (self.name is None or self.name.strip() != "", f"name {self.name!r} is empty: "
              "give an id, e.g. --name fmnist-32KB, or leave it out for the directory name"),
+            *self._evaluator_rules(),
+        ]
+
+    def _evaluator_rules(self) -> list[tuple[bool, str]]:
+        """Checks of the evaluator settings (see :mod:`qsearch.evaluator`)."""
+        supernet = self.evaluator == "supernet"
+        return [
+            (self.evaluator in ("train", "supernet"), f"evaluator {self.evaluator!r} not "
+             "known: use train (each candidate trained, the default) or supernet (cut out "
+             "of one weight-sharing network), e.g. --evaluator supernet"),
+            (self.top_k >= 1, f"top_k = {self.top_k}: retrain at least 1 of the candidates "
+             "the supernet ranks first, e.g. --top-k 3"),
+            (not supernet or self.scheduler == "none", f"--scheduler {self.scheduler} with "
+             "--evaluator supernet: a supernet evaluation trains nothing, so it has no rungs; "
+             "use --scheduler none"),
+            (not supernet or self.workers_per_trial == 1, "--evaluator supernet with "
+             f"--workers-per-trial {self.workers_per_trial}: supernet training changes its "
+             "sub-network every step and runs in one process; use --workers-per-trial 1"),
+            (self.supernet_cache.strip() != "", "supernet_cache is empty: give a directory, "
+             "e.g. --supernet-cache runs/supernets"),
         ]
 
     def _worker_rules(self) -> list[tuple[bool, str]]:

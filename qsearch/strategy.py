@@ -106,6 +106,13 @@ class Strategy(ABC):
     name: ClassVar[str]
     # False for a measurement tool (``fidelity``): left out of a recipe's ``strategy: all``
     searches: ClassVar[bool] = True
+    # False when its trials are not the ``train`` task (FracBits, MixQuant): the supernet
+    # evaluator (``--evaluator supernet``) stands in for ``train`` trials only
+    train_trials: ClassVar[bool] = True
+    # with the supernet evaluator a trial takes seconds: the default search length then
+    # (unless the recipe or a flag sets ``trials``), and strategy options for that length
+    supernet_trials: ClassVar[int] = 200
+    supernet_kwargs: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, space: SearchSpace, budget: Budget, *, seed: int = 0):
         self.space, self.budget, self.seed = space, budget, seed
@@ -153,9 +160,10 @@ class Strategy(ABC):
         return self.max_trials
 
     def align(self, bits, a_bits: int | None = None) -> Candidate:
-        """Bits (any form ``SearchSpace.candidate`` takes) width-aligned to the budget."""
-        cand = self.space.candidate(bits, a_bits=a_bits)
-        return self.space.align(cand, self.budget).candidate
+        """Bits (any form ``SearchSpace.candidate`` takes) width-aligned to the budget; on a
+        fixed-width model, lowered until they fit (HAQ's rule, ``SearchSpace.lower_to_fit``)
+        since there is no width to solve."""
+        return self.space.fit(self.space.candidate(bits, a_bits=a_bits), self.budget)
 
 
 def bit_subset(strategy: str, bits: object, space: SearchSpace) -> list[int]:

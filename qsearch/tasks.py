@@ -94,6 +94,7 @@ def register_task(name: str) -> Callable[[TaskFn], TaskFn]:
 def get_task(name: str) -> TaskFn:
     if name not in _TASKS:
         _load_all()  # strategies register their own tasks when imported
+        import qsearch.evaluator  # noqa: F401  (the supernet evaluator's tasks)
     if name not in _TASKS:
         raise QSearchError(f"unknown trial task {name!r}: known tasks {sorted(_TASKS)}")
     return _TASKS[name]

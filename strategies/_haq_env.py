@@ -14,7 +14,6 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from qsearch import QSearchError
 from qsearch.budget import Budget
 from qsearch.space import SearchSpace
 
@@ -61,32 +60,11 @@ def action_to_bits(action: float, levels: Sequence[int]) -> int:
 
 def lower_bits_to_fit(space: SearchSpace, bits: Sequence[int], width: float, budget: Budget,
                       levels: Sequence[int]) -> list[int]:
-    """HAQ's ``_final_action_wall``: lower free layers one level at a time until it fits.
-
-    HAQ's code walks the layers from the last to the first, taking one level off each layer
-    above the minimum and stopping as soon as the model fits; it repeats the walk while the
-    model is over budget. ``bits`` are per free layer; the width is fixed.
-    """
-    bits = [int(b) for b in bits]
-    step_down = {b: levels[i - 1] for i, b in enumerate(levels) if i > 0}
-
-    def fits() -> bool:
-        cand = space.candidate(bits, width=width)
-        return space.cost(cand, budget.kind) <= budget.value
-
-    while not fits():
-        lowered = False
-        for j in reversed(range(len(bits))):
-            if bits[j] in step_down:
-                bits[j] = step_down[bits[j]]
-                lowered = True
-                if fits():
-                    return bits
-        if not lowered:
-            raise QSearchError(
-                f"budget {budget} is below {space.model} at width {width:g} with every free "
-                f"layer at {levels[0]} bits: lower the width or raise the budget")
-    return bits
+    """HAQ's ``_final_action_wall`` on per-free-layer ``bits`` at a fixed ``width``: lower
+    free layers one level at a time, last first, until it fits
+    (:meth:`SearchSpace.lower_to_fit`)."""
+    fitted = space.lower_to_fit(space.candidate(bits, width=width), budget, levels)
+    return [fitted.w_bits[i] for i in space.free_layers]
 
 
 def truncated_normal(rng: np.random.Generator, mean: float, sigma: float) -> float:

@@ -69,6 +69,7 @@ class Fidelity(GridStrategy):
     """Trains K candidates at several trial lengths to measure how well short trials rank."""
 
     searches = False  # a measurement, not a search: not in a recipe's `strategy: all`
+    train_trials = False  # its own task (the train task at a share of the length)
 
     def __init__(self, space: SearchSpace, budget: Budget, *, seed: int = 0,
                  candidates: int = 12, steps: Sequence[int] | None = None,

@@ -101,6 +101,11 @@ class FracBitsConfig:
         """Uniform ``ref_bits`` (weights, and activations for BitOPs) at the run's width."""
         a_bits = self.ref_bits if budget.kind == "bitops" else None
         cand = space.candidate(self.ref_bits, a_bits=a_bits)
+        if space.family.fixed_width:  # its own channels: the bits alone meet the budget
+            if self.width not in (None, 1.0):
+                raise QSearchError(f"fracbits width={self.width:g} with the fixed-width model "
+                                   f"{space.model}: it has no width multiplier; drop width")
+            return cand
         if self.width is not None:
             return cand.with_width(self.width)
         return space.align(cand, budget).candidate
@@ -120,6 +125,7 @@ class FracBits(GridStrategy):
         bit_range: (lo, hi) integer bit-widths a unit may take (paper: 2..8 when activations
             are searched layer-wise, else 1..8); first/last layers keep the space's pinned bits.
     """
+    train_trials = False  # one trial of its own task trains and discretises
 
     def __init__(self, space: SearchSpace, budget: Budget, *, seed: int = 0,
                  kappa: float | None = None, search_fraction: float = 0.8,

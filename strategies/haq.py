@@ -102,6 +102,11 @@ class HAQ(Strategy):
     still searches around it, and the runner keeps the best trial whatever the policy does.
     """
 
+    # on the supernet evaluator: the paper's length, 600 episodes with 100 of warm-up, and
+    # its 300x300 actor and critic
+    supernet_trials = 600
+    supernet_kwargs = {"warmup": 100, "net_arch": [300, 300]}
+
     def __init__(self, space: SearchSpace, budget: Budget, *, seed: int = 0,
                  mode: str = "align", width: float | None = None, min_bits: int = 2,
                  max_bits: int = 8, warmup: int = 8, noise_sigma: float = 0.5,
@@ -111,6 +116,8 @@ class HAQ(Strategy):
                  tau: float = 0.01, gamma: float = 1.0, buffer_episodes: int = 128,
                  gradient_steps: int | None = None):
         super().__init__(space, budget, seed=seed)
+        if space.family.fixed_width:  # no width to align: HAQ as published, at width 1
+            mode, width = "fixed", 1.0
         self.levels = _check_options(
             space, mode=mode, algorithm=algorithm, width=width, min_bits=min_bits,
             max_bits=max_bits, warmup=warmup, noise_sigma=noise_sigma, noise_decay=noise_decay,

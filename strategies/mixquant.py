@@ -93,6 +93,7 @@ class MixQuant(GridStrategy):
         finetune_steps: optional quantization-aware fine-tuning steps after PTQ.
         finetune_lr: peak learning rate of that fine-tuning.
     """
+    train_trials = False  # its trials are a float model and post-training quantization
 
     def __init__(self, space: SearchSpace, budget: Budget, *, seed: int = 0,
                  mode: str = "aligned", qems: Sequence[float] | str = "auto",
@@ -134,7 +135,8 @@ class MixQuant(GridStrategy):
                 raise QSearchError("mixquant mode='ptq' needs the float weights where every "
                                    "worker can read them: pass weights_dir=DIR (shared on a "
                                    "cluster) or checkpoint=FILE")
-            self.float_width = self.align(int(float_bits)).width
+            self.float_width = 1.0 if space.family.fixed_width else \
+                self.align(int(float_bits)).width
 
     # ----- the grid: prelude, plan, proposals ------------------------------------------
     def prelude(self) -> Proposal | None:

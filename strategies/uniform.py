@@ -1,7 +1,8 @@
 """Uniform baseline (One-Bitwidth paper, Sec. 4.2): one bit-width for every free layer.
 
 Each bit-width in the set is width-aligned to the budget, so the proposals compare
-precisions at matched size; first and last layers keep the space's pinned bits.
+precisions at matched size; first and last layers keep the space's pinned bits. A
+fixed-width model has no width to align: its cells are the bit-widths that fit as they are.
 """
 
 from __future__ import annotations
@@ -19,9 +20,16 @@ class Uniform(GridStrategy):
                  bits: Sequence[int] | None = None):
         super().__init__(space, budget, seed=seed)
         self.cells = bit_subset("uniform", bits, space)
+        self.over_budget: list[int] = []  # fixed width: bit-widths too large to fit
+        if space.family.fixed_width:
+            fits = [b for b in self.cells
+                    if space.cost(space.candidate(b), budget.kind) <= budget.value]
+            self.over_budget = sorted(set(self.cells) - set(fits))
+            self.cells = fits or [min(self.cells)]  # none fits: lowered to fit (align)
 
     def propose(self, bits: int) -> Proposal:
         return Proposal(self.align(bits), params={"bits": bits})
 
     def summary(self) -> dict:
-        return {"accuracy_by_bits": {str(b): acc for b, acc in self.results()}}
+        over = {"over_budget_bits": self.over_budget} if self.over_budget else {}
+        return {"accuracy_by_bits": {str(b): acc for b, acc in self.results()}, **over}

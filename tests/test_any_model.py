@@ -4,6 +4,7 @@ one line until fixed-width search lands."""
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -12,7 +13,7 @@ import torch.nn as nn
 import torchvision
 
 from qsearch import QSearchError
-from qsearch.budget import Budget
+from qsearch.budget import Budget, parse_budget
 from qsearch.cli import main
 from qsearch.space import SearchSpace
 from qsearch.spaces import get_family
@@ -267,3 +268,55 @@ def test_space_show_prints_the_table(capsys):
     assert main([*argv, "--bits", "2", "--budget", "3MB"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == ("fits 3MB at fixed width: 93.46% of "
                                                         "the budget")
+
+
+# ----- fixed-width search: every strategy meets the budget through the bits ---------------
+@pytest.mark.parametrize("strategy", ["uniform", "random", "dualprecision", "tpe", "haq"])
+def test_every_proposal_on_a_fixed_width_model_fits_through_its_bits(strategy):
+    from qsearch.strategy import FINISHED, create_strategy
+
+    space = SearchSpace("torchvision:resnet18", "synthetic")
+    budget = parse_budget("3MB")  # 1-bit free layers: 1.4MB, 2-bit: 2.8MB, 4-bit: 5.6MB
+    s = create_strategy(strategy, space, budget, seed=0)
+    s.max_trials = 6
+    proposals = [p for p in (s.ask(str(i)) for i in range(6)) if p not in (None, FINISHED)]
+    assert proposals
+    for p in proposals:
+        assert p.candidate.width == 1.0 and not p.candidate.channels
+        assert space.c_size(p.candidate) <= budget.value
+    if strategy == "uniform":  # the uniform bit-widths that fit as they are: 1 and 2
+        assert [p.params["bits"] for p in proposals] == [1, 2] and s.over_budget == [4, 8]
+
+
+def test_lowering_to_fit_is_haqs_rule_last_layers_first():
+    space = SearchSpace("torchvision:resnet18", "synthetic")
+    budget = parse_budget("3MB")
+    cand = space.lower_to_fit(space.candidate(4), budget)
+    assert space.c_size(cand) <= budget.value
+    free = [cand.w_bits[i] for i in space.free_layers]
+    assert free == sorted(free, reverse=True) and len(set(free)) > 1  # last layers first
+    assert space.lower_to_fit(space.candidate(1), budget) == space.candidate(1)  # fits as is
+
+
+def test_qsearch_run_searches_a_user_factory_through_its_bits(factory, tmp_path):
+    """A relative factory path works in Ray's trial processes, which run elsewhere."""
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    out = tmp_path / "fw"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        space = SearchSpace(f"{factory}:build", "synthetic")
+    budget = space.c_size(space.candidate(2)) / 8  # bytes: 2-bit fits, 4-bit does not
+    r = subprocess.run(
+        [sys.executable, "-m", "qsearch.cli", "run", "--model", f"{factory.name}:build",
+         "--dataset", "synthetic", "--strategy", "random", "--budget", f"{budget:.0f}B",
+         "--trials", "3", "--steps", "5", "--batch-size", "32", "--final-seeds", "1",
+         "--out", str(out)], cwd=factory.parent, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "spec.json").read_text())["model"] == f"{factory}:build"
+    df = pd.read_parquet(out / "results.parquet")
+    assert (df.status == "ok").all() and set(df.stage) == {"search", "final"}
+    assert (df.width == 1.0).all() and (df.c_size <= budget * 8).all()

@@ -353,3 +353,34 @@ def test_the_same_candidate_found_by_two_strategies_shows_same_results(tmp_path)
     assert [(e["rank"], e["rank_shared"]) for e in entries] == [(1, True), (1, True)]
     text = format_leaderboard(entries)
     assert "same results" in " ".join(rows_of(text)["uniform"]) and "p=n/a" not in text
+
+
+def supernet_experiment(root: Path, trained_here: bool) -> Path:
+    """A random search on the supernet evaluator: 4 evaluations, one top-k retrain, a final;
+    with the supernet's training row when this experiment trained it."""
+    d = make_experiment(root, "random", "32KB", None, accs=[0.80, 0.81], trials=4)
+    b = parse_budget("32KB")
+    common = {"experiment_id": d.name, "strategy": "random", "model": "resnet20",
+              "dataset": "fashion-mnist", "budget": "32KB", "budget_kind": b.kind,
+              "budget_value": b.value, "status": "ok", "seed": 0}
+    store = ResultsStore(d)
+    cand = Candidate(tuple(bits([2] * 20)), 4, 0.5).to_json()
+    if trained_here:
+        store.append({**common, "trial_id": "n0", "trial_index": 0, "stage": "supernet",
+                      "task": "supernet-train", "wall_seconds": 900.0, "finished_at": 500.0})
+    store.append({**common, "trial_id": "k0", "trial_index": 0, "stage": "topk",
+                  "task": "train", "candidate": cand, "val_acc": 0.77, "c_size": b.value,
+                  "wall_seconds": 60.0, "finished_at": 2000.0})
+    return d
+
+
+def test_a_supernet_search_costs_its_supernet_and_retrains_and_chooses_a_retrained_one(
+        tmp_path):
+    d = supernet_experiment(tmp_path / "here", trained_here=True)
+    e = find(leaderboard(load_experiments([d])), "random", "32KB")
+    assert e["cpu_hours"] == pytest.approx((900 + 4 * 100 + 6 + 60) * 2.0 / 3600)
+    assert e["search_val_acc"] == pytest.approx(0.77)  # the retrain, not a supernet number
+    assert "supernet reused" not in e["note"]
+    d = supernet_experiment(tmp_path / "cached", trained_here=False)
+    e = find(leaderboard(load_experiments([d])), "random", "32KB")
+    assert "supernet reused: its training not counted" in e["note"]

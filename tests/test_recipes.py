@@ -37,3 +37,17 @@ def test_strategy_all_means_the_search_strategies_not_the_fidelity_tool(tmp_path
     assert "fidelity" in list_strategies() and "fidelity" not in searches
     assert "leaderboard-fmnist/fidelity-" not in out
     assert out.count("== experiment ") == 2 * len(searches)  # x 2 budgets
+
+
+def test_strategy_all_with_the_supernet_evaluator_means_the_strategies_it_serves(
+        tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("dataset: synthetic\nbudget: 6KB\nevaluator: supernet\n"
+                      "matrix: {strategy: all}\n")
+    assert main(["run", str(recipe), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    served = {"uniform", "random", "dualprecision", "tpe", "haq"}
+    assert {s for s in served if f"plan: {s} on" in out} == served
+    assert "plan: fracbits" not in out and "plan: mixquant" not in out
+    assert out.count("== experiment ") == len(served)
