@@ -102,12 +102,16 @@ def _drive(runner: Runner, *, resumed: bool) -> Runner:
     return runner
 
 
-def _stage(search: Runner, stage: str, strategy, what: str) -> Runner:
-    """Run the stage ``stage`` of the experiment to its end (or this sitting's time)."""
-    runner = Runner(search.spec, search.out, stage=stage, strategy=strategy,
-                    state=StateFile(search.out, stage).load(), inline=search.inline,
-                    display=search.display)
-    runner.deadline = search.deadline  # one time budget for the sitting's stages
+def _stage(search: Runner, stage: str, strategy, what: str, *, state: dict | None = None,
+           own_clock: bool = False) -> Runner:
+    """Run the stage ``stage`` of the experiment to its end (or this sitting's time; the
+    final stage has a time budget of its own: ``own_clock``). ``state``: the stage's saved
+    state, when the caller has read it already."""
+    state = state if state is not None else StateFile(search.out, stage).load()
+    runner = Runner(search.spec, search.out, stage=stage, strategy=strategy, state=state,
+                    inline=search.inline, display=search.display)
+    if not own_clock:
+        runner.deadline = search.deadline  # one time budget for the sitting's stages
     runner.save_state()
     runner.display.say(what)
     left = (runner.strategy.expected_trials() or 0) - len(runner.rows())
@@ -214,18 +218,10 @@ def run_final(search: Runner) -> Runner | None:
         cand = found[1]
     strategy = FinalRetrain(search.space, search.budgets.target, candidate=cand,
                             seeds=spec.final_seeds, seed=spec.seed)
-    final = Runner(spec, out, stage="final", strategy=strategy, state=state,
-                   inline=search.inline, display=search.display)
-    final.save_state()
+    final = _stage(search, "final", strategy, f"final: retraining the chosen candidate at "
+                   f"{search.budgets.target} with {spec.final_seeds} seeds "
+                   f"({json.dumps(spec.final_train)})", state=state, own_clock=True)
     say = final.display.say
-    say(f"final: retraining the chosen candidate at {final.budgets.target} with "
-        f"{spec.final_seeds} seeds ({json.dumps(spec.final_train)})")
-    remaining = spec.final_seeds - len(final.rows())
-    try:
-        if remaining > 0:
-            execute(final, remaining, f"final-{_runs_so_far(out)}")
-    finally:
-        final.display.close()
     stats = seed_summary(final.rows())
     if stats:
         say(f"final: test accuracy {stats['test_acc_mean']:.2%} +- {stats['test_acc_std']:.2%}"
