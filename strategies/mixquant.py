@@ -105,8 +105,7 @@ class MixQuant(GridStrategy):
                  finetune_steps: int = 0, finetune_lr: float = 0.005):
         super().__init__(space, budget, seed=seed)
         self.mode, self.qems = mode, _check_sweep(mode, qems, n_qems)
-        self.n_qems = int(n_qems)
-        self.bits = _check_bits(space, bits)
+        self.n_qems, self.bits = int(n_qems), _check_bits(space, bits)
         resolve_quantizer(quantizer)  # validates the name
         if quantizer != "asym" and not per_channel:
             raise QSearchError("mixquant per_channel=False applies to quantizer='asym' only")
