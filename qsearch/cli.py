@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from qsearch import QSearchError, __version__
-from qsearch.spec import RUN_SETTINGS
+from qsearch.cli_spec import bits_list, key_value, specs_from_args
 
 
 class _Parser(argparse.ArgumentParser):
@@ -18,40 +18,16 @@ class _Parser(argparse.ArgumentParser):
         raise QSearchError(f"{message} (see `{self.prog} --help`)")
 
 
-def _bits_list(text: str) -> list[int]:
-    try:
-        bits = [int(b) for b in text.split(",") if b.strip()]
-    except ValueError:
-        bits = []
-    if not bits:
-        raise QSearchError(f"bit list {text!r} not understood: use comma-separated integers "
-                           "such as 1,2,4,8")
-    return bits
-
-
-def _kv(text: str) -> tuple[str, object]:
-    from qsearch.spec import parse_yaml
-
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"{text!r} must look like key=value, e.g. "
-                                         "--strategy-arg qems=[8,32,128]")
-    try:  # QSearchError is a ValueError, which argparse would replace by "invalid value"
-        return key, parse_yaml(value, f"value {value!r} of {key!r}",
-                               fix="write a YAML value, e.g. --strategy-arg 'bits=[2,4]'")
-    except QSearchError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 # ----- qsearch space show ------------------------------------------------------------------
 def cmd_space_show(args) -> None:
     from qsearch.budget import parse_budget
-    from qsearch.space import SearchSpace, parse_pin_bits
+    from qsearch.pins import parse_pin_bits
+    from qsearch.space import SearchSpace
 
     space = SearchSpace(args.model, args.dataset, data_root=args.data_root, a_bits=args.a_bits,
                         pin_bits=parse_pin_bits(args.pin_bits), fixed_first=args.fixed_first,
                         fixed_last=args.fixed_last, count_bias=args.count_bias)
-    bits = _bits_list(args.bits)
+    bits = bits_list(args.bits)
     cand = space.candidate(bits[0] if len(bits) == 1 else bits, width=args.width)
     aligned = None
     if args.budget:
@@ -63,70 +39,6 @@ def cmd_space_show(args) -> None:
 
 
 # ----- run / resume / results / strategies ---------------------------------------------
-_RUN_FLAGS = (  # flags that set the spec key of their name (flags override the recipe)
-    "strategy", "budget", "model", "dataset", "proxy_budget", "trials", "seed", "out",
-    "a_bits", "final_seeds", "name", "scheduler", "min_steps", "reduction_factor",
-    "width_min", "width_max", "evaluator", "supernet_cache", "top_k", *RUN_SETTINGS)
-
-
-def specs_from_args(args):
-    """One spec per experiment: the recipe (expanded over its matrix) with flags on top."""
-    from qsearch.evaluator import search_defaults
-    from qsearch.models import portable_name
-    from qsearch.spec import Spec, expand_matrix, load_yaml
-    from qsearch.strategy import get_strategy, list_strategies
-
-    base = load_yaml(args.recipe) if args.recipe else {}
-    strategies = list_strategies(search_only=True) if base.get("matrix") else []
-    if base.get("evaluator") == "supernet":  # `strategy: all` then means those it can serve
-        strategies = [n for n in strategies if get_strategy(n).train_trials]
-    flags = {key for key in _RUN_FLAGS if getattr(args, key) is not None}
-    specs = [search_defaults(_apply_flags(Spec.from_dict(d, source=args.recipe or "spec"),
-                                          args), set(d) | flags)
-             for d in expand_matrix(base, strategies)]
-    return [s.replace(model=portable_name(s.model)) for s in specs]
-
-
-def _apply_flags(spec, args):
-    over = {key: getattr(args, key) for key in _RUN_FLAGS if getattr(args, key) is not None}
-    if args.bit_choices is not None:
-        over["bit_choices"] = _bits_list(args.bit_choices)
-    train, steps = dict(spec.train), _trial_steps(args)
-    if steps is not None and args.epochs is not None:
-        raise QSearchError("--steps and --epochs both given: a trial length is one of them")
-    if steps is not None:
-        train.pop("epochs", None)
-        train["steps"] = steps
-    if args.epochs is not None:
-        train.pop("steps", None)
-        train["epochs"] = args.epochs
-    if args.batch_size is not None:
-        train["batch_size"] = args.batch_size
-    over["train"] = train
-    data = dict(spec.data)
-    for flag, key in (("data_root", "root"), ("train_fraction", "train_fraction")):
-        if getattr(args, flag) is not None:
-            data[key] = getattr(args, flag)
-    over["data"] = data
-    for flag, key in (("final_epochs", "final_train"), ("supernet_epochs", "supernet_train")):
-        if getattr(args, flag) is not None:
-            over[key] = {**getattr(spec, key), "epochs": getattr(args, flag)}
-    if args.strategy_arg:
-        over["strategy_kwargs"] = {**spec.strategy_kwargs, **dict(args.strategy_arg)}
-    return spec.replace(**over)
-
-
-def _trial_steps(args) -> int | None:
-    """The trial length in steps: --steps, or its alias --max-steps (the name under a rung
-    scheduler); both given must agree."""
-    if args.max_steps is None:
-        return args.steps
-    if args.steps not in (None, args.max_steps):
-        raise QSearchError(f"--steps {args.steps} and --max-steps {args.max_steps} both "
-                           "give the trial length: give one of them")
-    return args.max_steps
-
-
 def cmd_run(args) -> None:
     from qsearch.experiment import dry_run, resume_experiment, run_experiment
     from qsearch.files import SPEC_FILE
@@ -309,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--bit-choices", help="weight bits to search, e.g. 1,2,4,8")
     run.add_argument("--width-min", type=float)
     run.add_argument("--width-max", type=float)
-    run.add_argument("--strategy-arg", action="append", type=_kv, metavar="KEY=VALUE",
+    run.add_argument("--strategy-arg", action="append", type=key_value, metavar="KEY=VALUE",
                      help="strategy option (repeatable), e.g. --strategy-arg bits=[2,4]")
     run.add_argument("--seed", type=int)
     _add_run_settings(run)
@@ -332,6 +244,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--supernet-cache", help="trained supernets (default runs/supernets)")
     run.add_argument("--top-k", type=int, help="best candidates by supernet accuracy "
                      "retrained stand-alone before the final stage (default 3)")
+    run.add_argument("--width", dest="width_mode", help="auto (a width family's width is "
+                     "aligned to the budget) or fixed (bits only, the model's own channels)")
+    run.add_argument("--checkpoint", help="float state_dict the trials fine-tune from (or "
+                     "quantize, with --trial-mode ptq); implies --width fixed")
+    run.add_argument("--trial-mode", help="train (quantization-aware, default) or ptq "
+                     "(quantize --checkpoint, calibrate, validate: seconds per candidate)")
+    run.add_argument("--pin", action="append", metavar="PATTERN=BITS", help="layers "
+                     "matching PATTERN keep BITS (repeatable), e.g. --pin 'layer3.*=8'")
+    run.add_argument("--keep-float", action="append", metavar="PATTERN", help="layers "
+                     "matching PATTERN stay float (repeatable), e.g. --keep-float fc")
     run.set_defaults(fn=cmd_run)
 
     res = sub.add_parser("resume", help="continue an interrupted experiment (where and how "

@@ -142,7 +142,17 @@ def start_lines(spec: Spec, budgets: Budgets, out: object) -> list[str]:
                      f"winner is re-aligned to {budgets.target}")
     if schedule := scheduler_settings(spec):
         lines.append(f"scheduler {schedule_text(schedule)}")
+    if spec.checkpoint:
+        how = ("post-training quantized (calibrated, no training)" if spec.trial_mode == "ptq"
+               else "fine-tuned")
+        lines.append(f"pretrained: trials start from {spec.checkpoint}, {how}; bits only, "
+                     "at the model's own channels")
+    elif spec.fixed_width:
+        lines.append("fixed width: bits only, at the model's own channels")
     return lines
+
+
+_HOW = {"supernet-eval": " (cut out of the supernet)", "ptq": " (post-training quantized)"}
 
 
 def summary_lines(best: dict, cand, cost: float, space: SearchSpace,
@@ -155,7 +165,7 @@ def summary_lines(best: dict, cand, cost: float, space: SearchSpace,
              if best["status"] == "stopped" else "")
     return [
         f"best: {best['strategy']} trial {best['trial_index']} val acc {best['val_acc']:.2%}"
-        f"{' (cut out of the supernet)' if best.get('task') == 'supernet-eval' else ''} "
+        f"{_HOW.get(best.get('task'), '')} "
         f"at {format_cost(best['c_size'], 'size')} (width {best['width']:.4g}, search budget "
         f"{b.search}{early})",
         f"final candidate {where}: width {cand.width:.4g}, C_size "

@@ -21,7 +21,6 @@ import json
 import math
 import os
 import time
-from collections.abc import Collection
 from pathlib import Path
 
 from qsearch import QSearchError
@@ -48,21 +47,6 @@ def supernet_dir(spec: Spec, space: SearchSpace, budget: Budget) -> Path:
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     name = space.model.replace(":", "_").replace("/", "_")
     return Path(spec.supernet_cache).resolve() / f"{name}-{digest}"
-
-
-def search_defaults(spec: Spec, given: Collection[str]) -> Spec:
-    """With the supernet evaluator a trial is an evaluation: the strategy's
-    ``supernet_trials`` (HAQ: the paper's 600 episodes) unless ``trials`` is in ``given``
-    (the keys a recipe or a flag set), and its ``supernet_kwargs`` under the user's own."""
-    from qsearch.strategy import get_strategy
-
-    if spec.evaluator != "supernet":
-        return spec
-    cls = get_strategy(spec.strategy)
-    over = {"strategy_kwargs": {**cls.supernet_kwargs, **spec.strategy_kwargs}}
-    if "trials" not in given:
-        over["trials"] = cls.supernet_trials
-    return spec.replace(**over)
 
 
 def cached_info(directory: Path) -> dict | None:

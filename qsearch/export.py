@@ -317,6 +317,7 @@ def _train_final(out: Path, train: dict | None, threads: int | None) -> tuple:
     the spec (compact JSON), the candidate, the space, the data splits and the model."""
     from qsearch.candidate import Candidate
     from qsearch.data import load_dataset
+    from qsearch.pretrained import FINETUNE, load_pretrained
     from qsearch.spec import Spec, space_from_spec
     from qsearch.train import TrainConfig, set_threads
 
@@ -328,11 +329,14 @@ def _train_final(out: Path, train: dict | None, threads: int | None) -> tuple:
     cand = Candidate.from_dict(json.loads((out / "final.json").read_text())["candidate"])
     space = space_from_spec(spec)
     set_threads(threads or os.cpu_count() or 1)
-    config = TrainConfig.recipe(spec.dataset, **{**spec.final_train, **(train or {}),
-                                                 "seed": spec.seed})
+    tuned = FINETUNE if spec.checkpoint else {}  # fine-tuned from the search's checkpoint
+    config = TrainConfig.recipe(spec.dataset, **{**tuned, **spec.final_train,
+                                                 **(train or {}), "seed": spec.seed})
     splits = load_dataset(spec.dataset, seed=spec.seed, **spec.data)
     torch.manual_seed(spec.seed)
     model = space.build(cand)
+    if spec.checkpoint:
+        load_pretrained(model, spec.checkpoint, spec.model)
     quantize_model(model, space.layer_bits(cand), cand.a_bits)
 
     def progress(m: dict, _state) -> None:

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Collection
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qsearch import QSearchError
 from qsearch.budget import Budget, format_cost, parse_budget
-from qsearch.spec import MAX_WIDTH, Spec, check_type
+from qsearch.spec import MAX_WIDTH, Spec, check_type, space_from_spec
 
 if TYPE_CHECKING:
     from qsearch.space import SearchSpace
@@ -115,10 +116,32 @@ def validate_run_settings(spec: Spec, *, load_data: bool = True) -> None:
         check_global_batch(batch, spec.workers_per_trial, key)
     check_data_settings(spec.data)
     check_evaluator(spec)
+    check_checkpoint(spec)
     if load_data and spec.dataset in ("fashion-mnist", "cifar10", "cifar100", "synthetic"):
         from qsearch.data import load_dataset
 
         load_dataset(spec.dataset, **spec.data)
+
+
+def search_defaults(spec: Spec, given: Collection[str]) -> Spec:
+    """The spec with what its evaluator and trial mode imply for the strategy, under the
+    user's own ``strategy_kwargs``: with the supernet evaluator a trial is an evaluation, so
+    the strategy's ``supernet_trials`` (HAQ: the paper's 600 episodes) unless ``trials`` is
+    in ``given`` (the keys a recipe or a flag set) and its ``supernet_kwargs``; a strategy
+    with trials of its own takes ``--checkpoint`` and ``--trial-mode ptq`` as its options
+    (``checkpoint_kwarg``, ``ptq_kwargs``)."""
+    from qsearch.strategy import get_strategy
+
+    cls = get_strategy(spec.strategy)
+    kwargs = dict(cls.supernet_kwargs) if spec.evaluator == "supernet" else {}
+    if spec.checkpoint and cls.checkpoint_kwarg:
+        kwargs[cls.checkpoint_kwarg] = spec.checkpoint
+    if spec.trial_mode == "ptq" and cls.ptq_kwargs:
+        kwargs.update(cls.ptq_kwargs)
+    over: dict = {"strategy_kwargs": {**kwargs, **spec.strategy_kwargs}}
+    if spec.evaluator == "supernet" and "trials" not in given:
+        over["trials"] = cls.supernet_trials
+    return spec.replace(**over)
 
 
 def check_evaluator(spec: Spec) -> None:
@@ -130,6 +153,24 @@ def check_evaluator(spec: Spec) -> None:
         raise QSearchError(f"--evaluator supernet with --strategy {spec.strategy}: its trials "
                            "are not plain candidate trainings the supernet can stand in for; "
                            f"use it with {', '.join(usable)}, or --evaluator train")
+    cls = get_strategy(spec.strategy)
+    if spec.trial_mode == "ptq" and not (cls.train_trials or cls.ptq_kwargs):
+        usable = [n for n in list_strategies(search_only=True)
+                  if get_strategy(n).train_trials or get_strategy(n).ptq_kwargs]
+        raise QSearchError(f"--trial-mode ptq with --strategy {spec.strategy}: its trials are "
+                           "its own training, which has no post-training form; use it with "
+                           f"{', '.join(usable)}, or --trial-mode train")
+
+
+def check_checkpoint(spec: Spec) -> None:
+    """A ``--checkpoint`` fits the space's model (or is adapted as
+    :func:`qsearch.pretrained.matched` says), checked before anything is written."""
+    if not spec.checkpoint:
+        return
+    from qsearch.pretrained import matched, read_state_dict
+
+    space = space_from_spec(spec)
+    matched(space.build(1.0), read_state_dict(spec.checkpoint), spec.checkpoint, spec.model)
 
 
 def check_global_batch(batch_size: int, workers: int, what: str = "train") -> None:

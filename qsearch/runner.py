@@ -147,6 +147,9 @@ class Runner:
         if self.supernet_dir and proposal.task == "train":
             proposal = dataclasses.replace(proposal, task="supernet-eval", params={
                 **proposal.params, "supernet": str(self.supernet_dir)})
+        elif self.stage == "search" and self.spec.trial_mode == "ptq" and \
+                proposal.task == "train":  # --trial-mode ptq: quantize the checkpoint
+            proposal = dataclasses.replace(proposal, task="ptq")
         entry = {"index": self.next_index, "proposal": proposal.to_dict(), "origin": trial_id}
         self.next_index += 1
         self.live[trial_id] = entry

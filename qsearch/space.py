@@ -37,26 +37,11 @@ from qsearch.budget import Budget, format_cost
 from qsearch.candidate import FLOAT_BITS, Candidate
 from qsearch.data import dataset_info
 from qsearch.inventory import trace_layers
-from qsearch.spaces import Ch, get_family
+from qsearch.pins import PIN_CHOICES, match_pins
+from qsearch.spaces import Ch, at_own_width, get_family
 
 INPUT_BITS = 8  # the image enters the first layer as 8-bit data
 DEFAULT_BIT_CHOICES = (1, 2, 4, 8)
-PIN_CHOICES = (*range(1, 9), FLOAT_BITS)  # bits a pinned first/last layer may have
-
-
-def parse_pin_bits(text: str) -> int | None:
-    """``--pin-bits``: ``8`` (the papers), ``32`` (float first and last layer), any of 1..8,
-    or ``none`` (first and last layer free like the others)."""
-    if text.strip().lower() in ("none", "free"):
-        return None
-    try:
-        bits = int(text)
-    except ValueError:
-        bits = -1
-    if bits not in PIN_CHOICES:
-        raise QSearchError(f"pin bits {text!r} not understood: use 8 (the papers), 32 (float "
-                           "first and last layer), 1..7, or none (free them)")
-    return bits
 
 
 @dataclass(frozen=True)
@@ -90,15 +75,25 @@ class SearchSpace:
         width_bounds: the range width alignment may search.
         count_bias: also count conv/fc biases in C_size, at their layer's weight bits
             (FracBits' model size; off by default, as DualPrecision / One-Bitwidth count).
+        fixed_width: search a width family at its own 1x channels, bits only (``--width
+            fixed``; a ``--checkpoint`` search): it then behaves as a fixed-width model.
+        pins: layer-name pattern (``fnmatch``, e.g. ``layer3.*``) -> bits for layers the user
+            leaves alone (``--pin``; ``--keep-float`` pins at 32, float); each pattern must
+            match a layer. They come on top of the first/last layer's ``pin_bits``.
     """
 
     def __init__(self, model: str = "resnet20", dataset: str = "fashion-mnist", *,
                  data_root: str | None = None, a_bits: int = 4,
                  bit_choices: Sequence[int] = DEFAULT_BIT_CHOICES, pin_bits: int | None = 8,
                  fixed_first: bool | None = None, fixed_last: bool | None = None,
-                 width_bounds: tuple[float, float] = (0.05, 32.0), count_bias: bool = False):
+                 width_bounds: tuple[float, float] = (0.05, 32.0), count_bias: bool = False,
+                 fixed_width: bool = False, pins: Mapping[str, int] | None = None):
         self.model, self.dataset = model, dataset
         self.family = get_family(model)
+        # a width family searched at its own 1x channels (bits only), e.g. from a checkpoint
+        self.own_width = bool(fixed_width and not self.family.fixed_width)
+        if self.own_width:
+            self.family = at_own_width(self.family)
         self.info = dataset_info(dataset, data_root)
         bad = [b for b in bit_choices if b not in (*range(1, 9), FLOAT_BITS)]
         if bad or not bit_choices:
@@ -126,6 +121,8 @@ class SearchSpace:
         self._hw_out = np.array([l.out_hw[0] * l.out_hw[1] for l in self.layers], float)
         self._hw_in = np.array([l.in_hw[0] * l.in_hw[1] for l in self.layers], float)
         self._bias = np.array([l.bias and self.count_bias for l in self.layers], float)
+        self.pins = dict(pins or {})
+        self._pattern_pins = match_pins(self.pins, [l.name for l in self.layers])
 
     # ----- structure -------------------------------------------------------------------
     def describe(self) -> dict:
@@ -134,16 +131,22 @@ class SearchSpace:
                "bit_choices": list(self.bit_choices), "pin_bits": self.pin_bits,
                "fixed_first": self.fixed_first, "fixed_last": self.fixed_last,
                "width_bounds": list(self.width_bounds)}
-        if self.count_bias:  # only when set, so existing spaces keep their descriptions
+        # only when set, so existing spaces keep their descriptions (and hashes)
+        if self.count_bias:
             out["count_bias"] = True
+        if self.own_width:
+            out["fixed_width"] = True
+        if self.pins:
+            out["pins"] = dict(self.pins)
         return out
 
-    @property
+    @cached_property
     def pinned(self) -> dict[int, int]:
-        """Layer index -> bits for the first and last layer (empty when pin_bits is None)."""
-        if self.pin_bits is None:
-            return {}
-        return {0: self.pin_bits, len(self.layers) - 1: self.pin_bits}
+        """Layer index -> bits of the layers no strategy assigns: the first and last layer
+        (unless pin_bits is None) and those the ``pins`` patterns match."""
+        ends = {} if self.pin_bits is None else {0: self.pin_bits,
+                                                 len(self.layers) - 1: self.pin_bits}
+        return {**ends, **self._pattern_pins}
 
     @cached_property
     def free_layers(self) -> list[int]:
@@ -368,6 +371,24 @@ class SearchSpace:
                 raise QSearchError(
                     f"budget {budget} is below {self.model} at width {cand.width:g} with every "
                     f"free layer at {levels[0]} bits: raise the budget")
+        return Candidate(tuple(bits), cand.a_bits, cand.width, cand.channels)
+
+    def raise_to_fill(self, cand: Candidate, budget: Budget,
+                      levels: Sequence[int] | None = None) -> Candidate:
+        """``cand`` (which fits) with free layers raised one ``levels`` step at a time, first
+        layer to last, while the model still fits: what bits alone can fill of the budget on
+        a fixed-width model. No free layer of the result can go one step up and fit."""
+        levels = sorted(levels or self.bit_choices)
+        up = {b: levels[i + 1] for i, b in enumerate(levels[:-1])}
+        bits, raised = list(cand.w_bits), True
+        while raised:
+            raised = False
+            for j in self.free_layers:
+                if bits[j] in up:
+                    trial = Candidate(tuple(bits[:j] + [up[bits[j]]] + bits[j + 1:]),
+                                      cand.a_bits, cand.width, cand.channels)
+                    if self.cost(trial, budget.kind) <= budget.value:
+                        bits, raised = list(trial.w_bits), True
         return Candidate(tuple(bits), cand.a_bits, cand.width, cand.channels)
 
     @cached_property

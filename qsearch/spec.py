@@ -25,9 +25,6 @@ SPEC_VERSION = 1
 MAX_WIDTH = 64.0  # widest multiplier a search may build (resnet20 at 64x: ~1e9 weights)
 MAX_SEED = 2**32 - 1  # numpy and torch seeds
 MAX_EXPERIMENTS = 1000  # experiments one recipe's matrix may expand to
-MAX_RECIPE_BYTES = 1_000_000  # recipes are a few KB: anything larger is refused unread
-MAX_YAML_DEPTH = 50  # nesting levels
-MAX_YAML_VALUES = 100_000  # values after alias expansion (a "billion laughs" is refused)
 # host or IPv4 address, optional port: what `ray start --head` prints
 _ADDRESS = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?::(\d{1,5}))?$")
 _TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,),
@@ -100,6 +97,11 @@ class Spec:
     supernet_train: dict[str, Any] = field(default_factory=lambda: {"epochs": 2.0})
     supernet_cache: str = "runs/supernets"  # trained supernets, reused by later searches
     top_k: int = 3  # candidates the supernet ranks first, retrained stand-alone
+    width_mode: str = "auto"  # "fixed": bits only, at the model's own channels
+    checkpoint: str | None = None  # float state_dict the trials start from (fixed width)
+    trial_mode: str = "train"  # "ptq": quantize the checkpoint, calibrate, validate
+    pin: dict[str, int] = field(default_factory=dict)  # layer pattern -> bits, left alone
+    keep_float: list[str] = field(default_factory=list)  # layer patterns kept float
     name: str | None = None
     version: int = SPEC_VERSION
 
@@ -151,7 +153,46 @@ class Spec:
             (self.name is None or self.name.strip() != "", f"name {self.name!r} is empty: "
              "give an id, e.g. --name fmnist-32KB, or leave it out for the directory name"),
             *self._evaluator_rules(),
+            *self._pretrained_rules(),
         ]
+
+    def _pretrained_rules(self) -> list[tuple[bool, str]]:
+        """Checks of fixed-width, checkpoint and post-training settings."""
+        ptq = self.trial_mode == "ptq"
+        return [
+            (self.width_mode in ("auto", "fixed"), f"width mode {self.width_mode!r} not "
+             "known: use auto (a width family's width is aligned to the budget) or fixed "
+             "(bits only, at the model's own channels), e.g. --width fixed"),
+            (self.trial_mode in ("train", "ptq"), f"trial mode {self.trial_mode!r} not known:"
+             " use train (quantization-aware training) or ptq (post-training quantization "
+             "of --checkpoint), e.g. --trial-mode ptq"),
+            (not ptq or self.checkpoint is not None, "--trial-mode ptq needs the float "
+             "weights it quantizes: add --checkpoint FILE (a state_dict of the model)"),
+            (self.checkpoint is None or self.evaluator == "train", "--checkpoint with "
+             "--evaluator supernet: the supernet is trained from scratch; use --evaluator "
+             "train (fine-tuning trials) or --trial-mode ptq"),
+            (not ptq or self.scheduler == "none", f"--scheduler {self.scheduler} with "
+             "--trial-mode ptq: a post-training trial trains nothing, so it has no rungs; "
+             "use --scheduler none"),
+            (all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+                 for k, v in self.pin.items()), f"pin {self.pin!r}: map layer patterns to "
+             "integer bits, e.g. --pin 'layer3.*=8'"),
+            (all(isinstance(k, str) for k in self.keep_float), f"keep_float "
+             f"{self.keep_float!r}: list layer patterns, e.g. --keep-float 'fc'"),
+            (self.checkpoint is None or self.checkpoint.strip() != "", "checkpoint is empty:"
+             " give a state_dict file, e.g. --checkpoint runs/float/resnet20.pt"),
+        ]
+
+    @property
+    def fixed_width(self) -> bool:
+        """Bits only, at the model's own channels: asked for, or implied by a checkpoint."""
+        return self.width_mode == "fixed" or self.checkpoint is not None
+
+    def pins(self) -> dict[str, int]:
+        """``pin`` and ``keep_float`` as one layer pattern -> bits mapping (32: float)."""
+        from qsearch.pins import parse_pins
+
+        return {**self.pin, **parse_pins(keep_float=self.keep_float)}
 
     def _evaluator_rules(self) -> list[tuple[bool, str]]:
         """Checks of the evaluator settings (see :mod:`qsearch.evaluator`)."""
@@ -305,136 +346,18 @@ def _combinations(matrix: Any, strategies: list[str]) -> list[tuple[tuple[Any, A
     return combos
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """A recipe as a dict (safe loader, bounded: see ``parse_yaml``); errors name the file
-    and the fix."""
-    p = Path(path)
-    if not p.is_file():
-        raise QSearchError(f"recipe {str(p)!r} not found: give a path to a YAML file, e.g. "
-                           "experiments/leaderboard-fmnist.yaml")
-    size = p.stat().st_size
-    if size > MAX_RECIPE_BYTES:
-        raise QSearchError(f"recipe {str(p)!r} is {size:,} bytes: recipes are a few KB, at "
-                           f"most {MAX_RECIPE_BYTES:,}; give the YAML recipe, not a data file")
-    try:
-        text = p.read_bytes().decode("utf-8")
-    except UnicodeDecodeError:
-        raise QSearchError(f"recipe {str(p)!r} is not a text file (not UTF-8): give a YAML "
-                           "recipe, e.g. experiments/leaderboard-fmnist.yaml") from None
-    data = parse_yaml(text, f"recipe {str(p)!r}")
-    if not isinstance(data, dict):
-        raise QSearchError(f"recipe {str(p)!r} must be a mapping of spec keys, "
-                           f"got {type(data).__name__}")
-    return data
-
-
-def parse_yaml(text: str, what: str, fix: str = "fix the file") -> Any:
-    """YAML with the safe loader, refusing duplicate keys (a silent "last one wins" hides
-    typos), nesting beyond MAX_YAML_DEPTH and documents whose aliases expand beyond
-    MAX_YAML_VALUES values (the "billion laughs"). ``what`` names the text in errors,
-    ``fix`` says what to do."""
-    import yaml
-
-    loader = None
-    try:
-        loader = _bounded_loader()(text)  # refuses non-printable characters at once
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        _expanded_size(node, {}, set())
-        return loader.construct_document(node)
-    except _Refused as e:
-        raise QSearchError(f"{what} is refused at line {e.line}: {e}; {fix}") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise QSearchError(f"{what} is not valid YAML{where}: {getattr(e, 'problem', e)}; "
-                           f"{fix}") from None
-    except (ValueError, RecursionError) as e:  # e.g. an integer of 5000 digits
-        raise QSearchError(f"{what} cannot be read: {str(e).split(';')[0]}; {fix}") from None
-    finally:
-        if loader is not None:
-            loader.dispose()
-
-
-class _Refused(Exception):
-    """A YAML document beyond the loader's bounds, at a position (``line``, 1-based)."""
-
-    def __init__(self, why: str, mark: Any):
-        super().__init__(why)
-        self.line = mark.line + 1
-
-
-def _expanded_size(node: Any, sizes: dict[int, int], open_: set[int]) -> int:
-    """Values a node stands for once its aliases are expanded (memoised per node)."""
-    from yaml import MappingNode, SequenceNode
-
-    if id(node) in sizes:
-        return sizes[id(node)]
-    if id(node) in open_:
-        raise _Refused("an alias refers to a value that contains it", node.start_mark)
-    open_.add(id(node))
-    children: list = []
-    if isinstance(node, SequenceNode):
-        children = node.value
-    elif isinstance(node, MappingNode):
-        children = [n for pair in node.value for n in pair]
-    size = 1 + sum(_expanded_size(c, sizes, open_) for c in children)
-    if size > MAX_YAML_VALUES:
-        raise _Refused(f"more than {MAX_YAML_VALUES:,} values once aliases are expanded",
-                       node.start_mark)
-    open_.discard(id(node))
-    sizes[id(node)] = size
-    return size
-
-
-@lru_cache(maxsize=1)
-def _bounded_loader() -> type:
-    import yaml
-    from yaml.constructor import ConstructorError
-
-    class Loader(yaml.SafeLoader):
-        depth = values = 0
-
-        def compose_node(self, parent, index):
-            self.depth += 1
-            self.values += 1  # stop early: composing is the slow part of a large file
-            try:
-                if self.depth > MAX_YAML_DEPTH or self.values > MAX_YAML_VALUES:
-                    why = (f"nested deeper than {MAX_YAML_DEPTH} levels"
-                           if self.depth > MAX_YAML_DEPTH else
-                           f"more than {MAX_YAML_VALUES:,} values")
-                    raise _Refused(why, self.peek_event().start_mark)
-                return super().compose_node(parent, index)
-            finally:
-                self.depth -= 1
-
-        def construct_mapping(self, node, deep=False):
-            seen: dict[Any, int] = {}
-            for key_node, _ in getattr(node, "value", []):
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue
-                key = self.construct_object(key_node, deep=True)
-                if not isinstance(key, (str, int, float, bool, type(None))):
-                    continue  # the safe loader itself refuses unhashable keys
-                if key in seen:
-                    raise ConstructorError(None, None, f"duplicate key {key!r} (first at "
-                                           f"line {seen[key] + 1})", key_node.start_mark)
-                seen[key] = key_node.start_mark.line
-            return super().construct_mapping(node, deep)
-
-    return Loader
-
-
 def space_from_spec(spec: Spec) -> SearchSpace:
     """The search space a spec describes (cached: building one traces the model)."""
     return _space(spec.model, spec.dataset, spec.data.get("root"), spec.a_bits,
-                  tuple(spec.bit_choices), spec.pin_bits, spec.width_min, spec.width_max)
+                  tuple(spec.bit_choices), spec.pin_bits, spec.width_min, spec.width_max,
+                  spec.fixed_width, tuple(spec.pins().items()))
 
 
 @lru_cache(maxsize=8)
-def _space(model, dataset, root, a_bits, bit_choices, pin_bits, wmin, wmax) -> SearchSpace:
+def _space(model, dataset, root, a_bits, bit_choices, pin_bits, wmin, wmax, fixed,
+           pins) -> SearchSpace:
     from qsearch.space import SearchSpace  # imports torch: only when a space is needed
 
     return SearchSpace(model, dataset, data_root=root, a_bits=a_bits, bit_choices=bit_choices,
-                       pin_bits=pin_bits, width_bounds=(wmin, wmax))
+                       pin_bits=pin_bits, width_bounds=(wmin, wmax), fixed_width=fixed,
+                       pins=dict(pins))

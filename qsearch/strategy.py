@@ -113,6 +113,11 @@ class Strategy(ABC):
     # (unless the recipe or a flag sets ``trials``), and strategy options for that length
     supernet_trials: ClassVar[int] = 200
     supernet_kwargs: ClassVar[dict[str, Any]] = {}
+    # a strategy whose trials are its own (MixQuant): the option that takes ``--checkpoint``,
+    # and the options of its post-training mode (``--trial-mode ptq``); other strategies'
+    # ``train`` trials fine-tune from the checkpoint, or become ``ptq`` trials
+    checkpoint_kwarg: ClassVar[str | None] = None
+    ptq_kwargs: ClassVar[dict[str, Any] | None] = None
 
     def __init__(self, space: SearchSpace, budget: Budget, *, seed: int = 0):
         self.space, self.budget, self.seed = space, budget, seed

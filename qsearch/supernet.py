@@ -145,20 +145,13 @@ def recalibrate(model: nn.Module, splits: Splits, *, batches: int = RECAL_BATCHE
     training batches (no augmentation, a fixed order), then leave the model in eval mode.
     Only BatchNorm runs in training mode: activation ranges stay as the supernet learned
     them."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [bn.momentum for bn in bns]
-    model.eval()
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative average
-        bn.train()
+    from qsearch.ptq import estimating
+
     order = torch.Generator().manual_seed(0)
-    for x, _ in itertools.islice(splits.train.batches(batch_size, shuffle=True,
-                                                      generator=order), batches):
-        model(x.to(device))
-    for bn, m in zip(bns, momenta):
-        bn.momentum = m
-    model.eval()
+    with estimating(model, batchnorm=True, act_ranges=False):
+        for x, _ in itertools.islice(splits.train.batches(batch_size, shuffle=True,
+                                                          generator=order), batches):
+            model(x.to(device))
 
 
 class _Head:

@@ -44,6 +44,7 @@ class TaskContext:
     shard: Any = None  # qsearch.parallel.Shard: this worker of a data-parallel trial
     execution: Any = None  # qsearch.train.Execution: bf16, channels_last
     pin_memory: bool = False  # ImageFolder batches in page-locked memory (GPU)
+    checkpoint: str | None = None  # float state_dict models start from (fine-tuning, ptq)
 
     @property
     def lead(self) -> bool:
@@ -51,10 +52,21 @@ class TaskContext:
         return self.shard is None or self.shard.lead
 
     def train_config(self, **overrides):
+        from qsearch.pretrained import FINETUNE
         from qsearch.train_config import TrainConfig
 
+        tuned = FINETUNE if self.checkpoint else {}
         return TrainConfig.recipe(self.space.dataset,
-                                  **{**self.train, "seed": self.seed, **overrides})
+                                  **{**tuned, **self.train, "seed": self.seed, **overrides})
+
+    def build(self, at):
+        """The float model of a candidate (or at a width), from the checkpoint if any."""
+        from qsearch.pretrained import load_pretrained
+
+        model = self.space.build(at)
+        if self.checkpoint:
+            load_pretrained(model, self.checkpoint, self.space.model)
+        return model
 
     def train_model(self, model, config=None, *, hooks=None, splits=None):
         """:func:`qsearch.train.train` wired to this trial: its device, reports, stop
@@ -95,6 +107,7 @@ def get_task(name: str) -> TaskFn:
     if name not in _TASKS:
         _load_all()  # strategies register their own tasks when imported
         import qsearch.evaluator  # noqa: F401  (the supernet evaluator's tasks)
+        import qsearch.ptq  # noqa: F401  (post-training trials)
     if name not in _TASKS:
         raise QSearchError(f"unknown trial task {name!r}: known tasks {sorted(_TASKS)}")
     return _TASKS[name]
@@ -109,7 +122,7 @@ def train_candidate(ctx: TaskContext, candidate, *, scheme: str = "dualprecision
     from qsearch.qlayers import quantize_model
 
     torch.manual_seed(ctx.seed)
-    model = ctx.space.build(candidate)
+    model = ctx.build(candidate)
     quantize_model(model, ctx.space.layer_bits(candidate), candidate.a_bits, scheme=scheme)
     model.to(ctx.device)
     return model, ctx.train_model(model, config, hooks=hooks)

@@ -63,7 +63,7 @@ def run_trial(config: dict[str, Any], *, report: ReportFn, restored: dict | None
                       trials_per_node=max(1, int(sharing)),
                       checkpoint_every_s=checkpoint_every_s, shard=shard,
                       execution=Execution(bf16=spec.bf16, channels_last=spec.channels_last),
-                      pin_memory=spec.pin_memory)
+                      pin_memory=spec.pin_memory, checkpoint=spec.checkpoint)
     result = get_task(proposal.task)(ctx)
     final = final_report(result, node=node, seconds=time.perf_counter() - start)
     return {**final, "fidelity": final_fidelity(result.fidelity, min_steps, on_ladder)}

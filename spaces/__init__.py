@@ -28,6 +28,8 @@ more than 10% below the exact value), as torchvision does.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -85,6 +87,17 @@ class Family:
     # True: the model's own channels, no width multiplier (``plan`` returns {}; budgets are
     # met through the bits). torchvision and user-factory models (qsearch.models).
     fixed_width: bool = False
+
+
+def at_own_width(family: Family) -> Family:
+    """``family`` at its 1x channels as a fixed-width model (``--width fixed``, a checkpoint
+    search): every width gives the 1x plan, so budgets are met through the bits."""
+    return dataclasses.replace(family, plan=functools.partial(_plan_at_1x, family.plan),
+                               fixed_width=True)
+
+
+def _plan_at_1x(plan: Callable[..., dict[str, Ch]], width: float, **kwargs) -> dict[str, Ch]:
+    return plan(1.0, **kwargs)
 
 
 _FAMILIES: dict[str, Family] = {}

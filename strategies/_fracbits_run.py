@@ -39,7 +39,7 @@ class FracBitsRun:
         init = min(float(self.hi), self.b_t + cfg.init_offset)
 
         torch.manual_seed(ctx.seed)
-        self.model = space.build(self.width)
+        self.model = ctx.build(self.width)
         modules = dict(self.model.named_modules())
         self.free = [space.layers[i].name for i in space.free_layers]
         self.w_params = [

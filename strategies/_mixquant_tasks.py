@@ -29,28 +29,15 @@ if TYPE_CHECKING:
 def load_checkpoint(space: SearchSpace, path: str,
                      width: float | None) -> tuple[float, list[Tensor]]:
     """Width and per-layer weights (inventory order) of a float state_dict file."""
-    import torch
+    from qsearch.pretrained import matched, read_state_dict
 
-    if not os.path.isfile(path):
-        raise QSearchError(f"mixquant checkpoint {path!r} not found: pass a state_dict file "
-                           f"of {space.model} saved with torch.save(model.state_dict(), path)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
-        raise QSearchError(f"mixquant checkpoint {path!r} is not a tensor state_dict "
-                           f"readable with weights_only=True ({type(e).__name__}: {e})") from None
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]  # a training state of qsearch.train
+    state = read_state_dict(path)
     if width is None:
-        width = _infer_width(space, state)
+        width = 1.0 if space.family.fixed_width else _infer_width(space, state)
     model = space.build(float(width))
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[1:2] or [str(e)]
-        raise QSearchError(f"mixquant checkpoint {path!r} does not match {space.model} at "
-                           f"width {width:.4g} ({first[0].strip()}): pass checkpoint_width=W "
-                           "for the width it was trained at") from None
+    tensors, _ = matched(model, state, path, f"{space.model} at width {width:.4g} (pass "
+                         "checkpoint_width=W for the width it was trained at)")
+    model.load_state_dict(tensors, strict=False)
     modules = dict(model.named_modules())
     return float(width), [modules[layer.name].weight.detach() for layer in space.layers]
 
@@ -125,6 +112,8 @@ def ptq_task(ctx: TaskContext) -> Result:
     """Post-training quantization of the float weights at the proposal's bits, then eval."""
     import torch
 
+    from qsearch.pretrained import load_pretrained
+    from qsearch.ptq import calibrate
     from qsearch.qlayers import quantize_model
     from qsearch.train import evaluate
 
@@ -132,13 +121,13 @@ def ptq_task(ctx: TaskContext) -> Result:
     start = time.perf_counter()
     torch.manual_seed(ctx.seed)
     model = ctx.space.build(cand)
-    model.load_state_dict(torch.load(p["weights_path"], map_location="cpu", weights_only=True))
+    load_pretrained(model, p["weights_path"], ctx.space.model)
     quantize_model(model, ctx.space.layer_bits(cand), cand.a_bits, scheme=p["scheme"])
     model.to(ctx.device)
     splits, config = ctx.splits(), ctx.train_config()
-    _calibrate(model, splits.train.batches(config.batch_size, shuffle=True,
-                                           generator=torch.Generator().manual_seed(ctx.seed)),
-               p["calib_batches"], ctx.device)
+    calibrate(model, splits.train.batches(config.batch_size, shuffle=True,
+                                          generator=torch.Generator().manual_seed(ctx.seed)),
+              p["calib_batches"], ctx.device, batchnorm=False)  # the float model's BN
     ptq_acc, ptq_loss = evaluate(model, splits.val, batch_size=config.eval_batch_size,
                                  device=ctx.device)
     metrics = {**cost_metrics(ctx.space, cand, ctx.budget), "qem": p["qem"],
@@ -154,22 +143,3 @@ def ptq_task(ctx: TaskContext) -> Result:
         metrics.update(train_seconds=res.train_seconds, steps=res.steps)
     metrics["task_seconds"] = time.perf_counter() - start
     return Result(status, acc, cand, metrics, error=error)
-
-
-def _calibrate(model, batches, n: int, device: str) -> None:
-    """Activation ranges from ``n`` batches; BN statistics stay those of the float model."""
-    import torch
-
-    from qsearch.actquant import EMAActQuant
-
-    model.eval()
-    quantizers = [m for m in model.modules() if isinstance(m, EMAActQuant)]
-    for m in quantizers:
-        m.train()
-    with torch.no_grad():
-        for k, (x, _) in enumerate(batches):
-            if k >= n:
-                break
-            model(x.to(device))
-    for m in quantizers:
-        m.eval()

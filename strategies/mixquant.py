@@ -53,12 +53,11 @@ from qsearch.strategies._qe import (
 from qsearch.strategy import GridStrategy, Proposal, Result, register_strategy
 
 STATE_VERSION = 2  # 2: the float trial and its QE table are GridStrategy's prelude
-# Why the default sweep is read off the table: for rounding noise s^2/12 with
-# s = range/(2^b - 1), QE(b)/QE(8) = ((2^8 - 1)/(2^b - 1))^2 ~ 4^(8 - b) (4.0 at 7 bits ...
-# 7225 at 2), and trained weights stay close to that, so layers differ by small factors
-# around those ratios. A fixed QEM list mostly gives uniform allocations (all layers cross
-# together); QEMs placed among the table's breakpoints give the mixed ones. (With QE as an
-# MSE, the paper's 1.1-3.5 of Table 2 would leave nearly every layer at 8 bits.)
+# Why the default sweep is read off the table: rounding noise s^2/12, s = range/(2^b - 1),
+# gives QE(b)/QE(8) ~ 4^(8 - b) (4.0 at 7 bits ... 7225 at 2); trained weights stay close, so
+# layers differ by small factors around those ratios and a fixed QEM list mostly gives uniform
+# allocations; QEMs among the table's breakpoints give the mixed ones. (With QE as an MSE,
+# the paper's 1.1-3.5 of Table 2 would leave nearly every layer at 8 bits.)
 DEFAULT_SWEEP = 6
 
 
@@ -71,8 +70,9 @@ class MixQuant(GridStrategy):
 
     Args:
         mode: ``"aligned"`` (QEM sweep, each allocation width-aligned to the budget and
-            trained like other candidates) or ``"ptq"`` (the paper's post-training setting:
-            the float model's width, QEM bisected so the model fits, PTQ accuracy).
+            trained like other candidates; a fixed-width model's QEM is bisected as in
+            ``"ptq"``) or ``"ptq"`` (the paper's post-training setting: the float model's
+            width, QEM bisected so the model fits, PTQ accuracy).
         qems: the QEM sweep of ``"aligned"`` mode; ``"auto"`` (default) reads ``n_qems``
             QEMs off the QE table (:func:`spread_qems`), or give a list.
         n_qems: how many QEMs ``"auto"`` picks (fewer when the trial limit is lower).
@@ -82,8 +82,8 @@ class MixQuant(GridStrategy):
             scheme of :mod:`qsearch.quant`. In ``"ptq"`` mode the model is quantized with it.
         per_channel: ``"asym"`` ranges per output channel (default; how :mod:`qsearch.quant`
             quantizes a layer) or per tensor (the paper's per-layer setting).
-        checkpoint: a float ``state_dict`` of the space's model (``torch.save``); loaded with
-            ``weights_only=True``. Skips the float trial.
+        checkpoint: a float ``state_dict`` of the space's model (``--checkpoint``,
+            :mod:`qsearch.pretrained`). Skips the float trial.
         checkpoint_width: the checkpoint's width multiplier (default: inferred from shapes).
         float_bits: the float trial trains at the width where a uniform ``float_bits`` model
             fills the budget (in ``"ptq"`` mode, the average bits MixQuant can spend).
@@ -94,6 +94,7 @@ class MixQuant(GridStrategy):
         finetune_lr: peak learning rate of that fine-tuning.
     """
     train_trials = False  # its trials are a float model and post-training quantization
+    checkpoint_kwarg, ptq_kwargs = "checkpoint", {"mode": "ptq"}
 
     def __init__(self, space: SearchSpace, budget: Budget, *, seed: int = 0,
                  mode: str = "aligned", qems: Sequence[float] | str = "auto",
@@ -153,7 +154,8 @@ class MixQuant(GridStrategy):
             return []
         self.candidates, self.infeasible, self.plan_error = [], [], None
         free = self.table[self.space.free_layers]
-        return self._plan_sweep(free) if self.mode == "aligned" else self._plan_ptq(free)
+        fixed = self.mode == "ptq" or self.space.family.fixed_width  # bisect the QEM
+        return self._plan_ptq(free) if fixed else self._plan_sweep(free)
 
     def _read_float(self, result: Result) -> bool:
         """Take the float trial's QE table and width; False (and ``float_error``) if unusable."""
@@ -181,9 +183,8 @@ class MixQuant(GridStrategy):
         cells: list[dict[str, Any]] = []
         for qem in self.sweep:
             bits = mixquant_bits(free, qem, choices=self.bits)
-            same = next((c for c in cells if c["bits"] == bits), None)
-            if same is not None:
-                same["qems"].append(qem)
+            if any(c["bits"] == bits for c in cells):
+                next(c for c in cells if c["bits"] == bits)["qems"].append(qem)
                 continue
             try:
                 cand = self.align(bits)
@@ -270,10 +271,9 @@ class MixQuant(GridStrategy):
                       "error": self.errors.get(i)} for qem in cell["qems"]]
         rows += [{**e, "candidate": None, "status": "infeasible"} for e in self.infeasible]
         rows.sort(key=lambda r: r["qem"])
-        i, best = self.best_cell(), None
-        if i is not None:
-            best = {"qems": self.cells[i]["qems"], "val_acc": self.done[i],
-                    "candidate": self.candidates[i].to_dict()}
+        i = self.best_cell()
+        best = None if i is None else {"qems": self.cells[i]["qems"], "val_acc": self.done[i],
+                                       "candidate": self.candidates[i].to_dict()}
         return {"mode": self.mode, "budget": str(self.budget),
                 "free_layers": [self.space.layers[i].name for i in self.space.free_layers],
                 "float": {**self.float_info, "width": self.float_width,

@@ -1,4 +1,6 @@
-"""Random baseline: independent uniform bits per free layer, width-aligned to the budget."""
+"""Random baseline: independent uniform bits per free layer, width-aligned to the budget; on
+a fixed-width model lowered until it fits and raised to fill it (repair, not rejection: every
+proposal is trained, and fills what its bits allow of the budget)."""
 
 from __future__ import annotations
 
@@ -18,7 +20,10 @@ class RandomSearch(Strategy):
 
     def ask(self, trial_id: str) -> Proposal:
         choice = self.rng.choice(self.bits, size=len(self.space.free_layers))
-        return Proposal(self.align([int(b) for b in choice]))
+        cand = self.align([int(b) for b in choice])
+        if self.space.family.fixed_width:
+            cand = self.space.raise_to_fill(cand, self.budget, self.bits)
+        return Proposal(cand)
 
     def tell(self, trial_id: str, result: Result) -> None:
         pass  # proposals do not depend on results

@@ -284,6 +284,13 @@ def test_every_proposal_on_a_fixed_width_model_fits_through_its_bits(strategy):
     for p in proposals:
         assert p.candidate.width == 1.0 and not p.candidate.channels
         assert space.c_size(p.candidate) <= budget.value
+        if strategy == "random":  # repaired to fill: no free layer can go one step up
+            up = {1: 2, 2: 4, 4: 8}
+            for j in space.free_layers:
+                bits = list(p.candidate.w_bits)
+                if bits[j] in up:
+                    bits[j] = up[bits[j]]
+                    assert space.c_size(space.candidate(bits)) > budget.value
     if strategy == "uniform":  # the uniform bit-widths that fit as they are: 1 and 2
         assert [p.params["bits"] for p in proposals] == [1, 2] and s.over_budget == [4, 8]
 
