@@ -8,8 +8,10 @@ report, error)`` when it ends and ``errored(trial_id, message)`` for the error t
 trial that raised. :func:`execute` runs trials with Ray Tune (:mod:`qsearch.ray_tune`, the
 only module that knows Ray) or, with ``inline=True``, one after the other in this process.
 
-State lives in plain files (:mod:`qsearch.files`), never pickles. Trials in flight when the
-driver died are run again under their original ids, from their last checkpoint if any.
+State lives in plain files (:mod:`qsearch.files`), never pickles, written when a trial ends
+or checkpoints, and ``STATE_EVERY_S`` after a trial began. Trials in flight when the driver
+died are run again under their original ids, from their last checkpoint if any; one begun
+later than the last write is proposed again by the strategy's state from before its ask.
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ from qsearch.trial import result_from_report
 
 # a running trial also saves a checkpoint this often between evaluations (seconds)
 CHECKPOINT_EVERY_S = float(os.environ.get("QSEARCH_CHECKPOINT_EVERY", "60"))
+# a trial that began is written to the state file when it ends, or after this many seconds
+# if it runs longer: not at once, which for the strategy state of HAQ (its networks, ~6 MB of
+# JSON) cost as much as a short trial's evaluation
+STATE_EVERY_S = 5.0
 
 
 class RunningTime:
@@ -124,6 +130,7 @@ class Runner:
         self.blocked: str | None = None  # an earlier stage that did not finish in this sitting
         self.running = RunningTime()  # the wall_seconds of each trial
         self.awaiting_error: dict[str, tuple[dict, float]] = {}
+        self.unsaved_since: float | None = None  # a trial began after the last state write
         self.next_index = 0
         self.t0 = time.time()
         self.finished_before = len(self.rows())
@@ -153,7 +160,7 @@ class Runner:
         entry = {"index": self.next_index, "proposal": proposal.to_dict(), "origin": trial_id}
         self.next_index += 1
         self.live[trial_id] = entry
-        self.save_state()
+        self.unsaved_since = self.unsaved_since or time.time()
         return self._config(entry)
 
     def _config(self, entry: dict, resume_from: str | None = None) -> dict:
@@ -217,9 +224,9 @@ class Runner:
             self.cut[trial_id] = entry
             self.save_state()
             return
+        wall = self.running.end(trial_id)  # not counting the strategy's tell
         result = result_from_report(report, error, Proposal.from_dict(entry["proposal"]))
         self.strategy.tell(entry["origin"], result)
-        wall = self.running.end(trial_id)
         if error:
             self.awaiting_error[trial_id] = (entry, wall)
         else:
@@ -266,12 +273,19 @@ class Runner:
         }
 
     def save_state(self) -> None:
+        self.unsaved_since = None
         self.state_file.save({
             "strategy": self.strategy.state_dict(), "next_index": self.next_index,
             "live": {e["origin"]: {"index": e["index"], "proposal": e["proposal"]}
                      for e in [*self.live.values(), *self.cut.values()]}
             | {origin: e for origin, e in self.replay},
             "checkpoints": self.checkpoints})
+
+    def save_unsaved(self, after_s: float = 0.0) -> None:
+        """Write the state file if a trial began ``after_s`` seconds ago or more and has
+        not been written since."""
+        if self.unsaved_since is not None and time.time() - self.unsaved_since >= after_s:
+            self.save_state()
 
     # ----- what the stage has produced
     def rows(self) -> list[dict]:
@@ -296,7 +310,9 @@ class Runner:
         self.display.progress(self.snapshot())
 
     def tick(self) -> None:
-        """Called often while trials run: repeat the progress update when one is due."""
+        """Called often while trials run: repeat the progress update when one is due, and
+        write the state file when a trial that began ``STATE_EVERY_S`` ago is not in it."""
+        self.save_unsaved(STATE_EVERY_S)
         if self.display.due():
             self.display.progress(self.snapshot(), heartbeat=True)
 
@@ -309,11 +325,14 @@ def failed_count(rows: list[dict]) -> int:
 def execute(runner: Runner, num_samples: int, run_name: str) -> None:
     """Run up to ``num_samples`` trials of ``runner``: Ray Tune, or inline."""
     runner.start_clock()
-    if runner.inline:
-        return execute_inline(runner, num_samples)
-    from qsearch import ray_tune
+    try:
+        if runner.inline:
+            return execute_inline(runner, num_samples)
+        from qsearch import ray_tune
 
-    ray_tune.fit(runner, num_samples, run_name)
+        ray_tune.fit(runner, num_samples, run_name)
+    finally:
+        runner.save_unsaved()
 
 
 def connect(runner: Runner) -> None:
