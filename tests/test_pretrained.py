@@ -263,9 +263,9 @@ def test_mixquant_ptq_on_torchvision_resnet18_from_a_state_dict(tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "qsearch.cli", "run", "--strategy", "mixquant", "--model",
          "torchvision:resnet18", "--dataset", "imagefolder", "--data-root", str(root),
-         "--checkpoint", str(tmp_path / "r18.pt"), "--trial-mode", "ptq",
+         "--checkpoint", "r18.pt", "--trial-mode", "ptq",  # relative: trials run elsewhere
          "--budget", f"{budget:.0f}B", "--batch-size", "4", "--out", str(out)],
-        capture_output=True, text=True, timeout=900)
+        capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     import pandas as pd
 
