@@ -8,6 +8,8 @@ Only *matched-size* entries are ranked. A model well under the budget is not com
 that fills it (DualPrecision compares strategies at equal C_size, Eq. 6), so an entry whose cost
 (C_size for a size budget, BitOPs for a BitOPs budget) lies outside ``tolerance`` x budget is
 listed but flagged, as is an entry with no final retrain or with fewer than two final seeds.
+A fixed-width search (bits only: a checkpoint, ``--width fixed``, a torchvision or factory
+model) has no width to fill the budget with: its entries are ranked when they fit.
 
 Ranks say when they cannot decide: each entry is tested against the best of its budget group
 (a paired t-test on the per-seed differences when both ran the same seeds, pairing removing
@@ -145,7 +147,8 @@ def _entry(rows: pd.DataFrame, lo: float, hi: float) -> dict[str, Any]:
     c_size, bitops, w_bits, source = found or (None, None, None, None)
     cost = c_size if kind == "size" else bitops
     ratio = cost / budget_value if cost is not None else None
-    matched = ratio is not None and lo - EPS <= ratio <= hi + EPS
+    fixed = _fixed_width(first)
+    matched = ratio is not None and (0.0 if fixed else lo) - EPS <= ratio <= hi + EPS
     space = _space_for(first)
 
     if final.empty:
@@ -157,7 +160,7 @@ def _entry(rows: pd.DataFrame, lo: float, hi: float) -> dict[str, Any]:
         note = (f"{what} {ratio:.1%} of budget: not ranked" if ratio is not None
                 else "final cost unknown: not ranked")
     else:
-        note = ""
+        note = f"fixed width: C_size {ratio:.1%} of budget" if fixed and ratio < lo else ""
     if len(top) and not (rows["stage"] == "supernet").any():
         note = ", ".join(filter(None, [note, "supernet reused: its training not counted"]))
     wall = _num(spent["wall_seconds"]).fillna(0.0)
@@ -292,6 +295,12 @@ def _final_candidate(final: pd.DataFrame, directory: str | None, best: pd.Series
         return (_float(best["c_size"]), _float(best["bitops"]),
                 json.loads(best["candidate"])["w_bits"], "search best")
     return None
+
+
+def _fixed_width(row: pd.Series) -> bool:
+    checkpoint = row.get("checkpoint")
+    return (":" in str(row["model"]) or row.get("width_mode") == "fixed"
+            or (isinstance(checkpoint, str) and bool(checkpoint)))
 
 
 def _space_for(row: pd.Series) -> Any:

@@ -279,6 +279,25 @@ def test_one_seed_is_shown_not_ranked(tmp_path):
     assert row[0] == "-" and row[-1] == "n<2: not ranked" and "95.00% ± 0.00% (1)" in row
 
 
+def test_fixed_width_entries_are_ranked_when_they_fit(tmp_path):
+    """A bits-only search cannot fill the budget with a width: fitting is what it can match."""
+    dirs = [make_experiment(tmp_path, "tpe", "32KB", None, 0.73, [0.90, 0.91, 0.92]),
+            make_experiment(tmp_path, "uniform", "32KB", None, 0.68, [0.89, 0.90, 0.91]),
+            make_experiment(tmp_path, "random", "32KB", None, 1.02, [0.95, 0.95, 0.96])]
+    for d in dirs:
+        spec = json.loads((d / "spec.json").read_text())
+        (d / "spec.json").write_text(json.dumps({**spec, "checkpoint": "/w/float.pt"}))
+    entries = leaderboard(load_experiments(dirs))
+    tpe, uniform = find(entries, "tpe", "32KB"), find(entries, "uniform", "32KB")
+    assert tpe["rank"] == 1 and uniform["rank"] == 2
+    assert tpe["note"] == "fixed width: C_size 73.0% of budget"
+    over = find(entries, "random", "32KB")  # over the budget: never ranked
+    assert over["rank"] is None and "102.0% of budget: not ranked" in over["note"]
+    plain = leaderboard(load_experiments([make_experiment(tmp_path / "w", "tpe", "32KB", None,
+                                                          0.73, [0.9, 0.91])]))
+    assert plain[0]["rank"] is None  # a width-aligned search must match the size
+
+
 def test_entry_interval_is_student_t(entries):
     from scipy import stats
 
