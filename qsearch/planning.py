@@ -145,7 +145,8 @@ def search_defaults(spec: Spec, given: Collection[str]) -> Spec:
 
 
 def check_evaluator(spec: Spec) -> None:
-    """The supernet evaluator stands in for ``train`` trials: refuse strategies without."""
+    """The supernet evaluator and post-training trials stand in for ``train`` trials: refuse
+    strategies without (MixQuant has a post-training mode of its own)."""
     from qsearch.strategy import get_strategy, list_strategies
 
     if spec.evaluator == "supernet" and not get_strategy(spec.strategy).train_trials:

@@ -2,7 +2,8 @@
 
 ``mixquant_float`` trains the float model and reports its QE table (the strategy's prelude
 trial); ``mixquant_ptq`` quantizes those float weights after training, calibrates the
-activation ranges and evaluates (``mode="ptq"``). :mod:`.mixquant` imports this module,
+activation ranges and re-estimates BatchNorm (:func:`qsearch.ptq.calibrate`), and evaluates
+(``mode="ptq"``). :mod:`.mixquant` imports this module,
 which registers the tasks.
 """
 
@@ -127,7 +128,7 @@ def ptq_task(ctx: TaskContext) -> Result:
     splits, config = ctx.splits(), ctx.train_config()
     calibrate(model, splits.train.batches(config.batch_size, shuffle=True,
                                           generator=torch.Generator().manual_seed(ctx.seed)),
-              p["calib_batches"], ctx.device, batchnorm=False)  # the float model's BN
+              p["calib_batches"], ctx.device)  # BN re-estimated (docs/results/pretrained.md)
     ptq_acc, ptq_loss = evaluate(model, splits.val, batch_size=config.eval_batch_size,
                                  device=ctx.device)
     metrics = {**cost_metrics(ctx.space, cand, ctx.budget), "qem": p["qem"],

@@ -89,7 +89,7 @@ class MixQuant(GridStrategy):
             fills the budget (in ``"ptq"`` mode, the average bits MixQuant can spend).
         weights_dir: where the float trial saves its weights for ``"ptq"`` mode; every
             worker must be able to read it (a shared directory on a cluster).
-        calib_batches: training batches that calibrate the activation ranges (``"ptq"``).
+        calib_batches: training batches that calibrate activation ranges and BN (``"ptq"``).
         finetune_steps: optional quantization-aware fine-tuning steps after PTQ.
         finetune_lr: peak learning rate of that fine-tuning.
     """
