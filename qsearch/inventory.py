@@ -16,6 +16,11 @@ What the inventory counts, for any model (zoo families, torchvision, user factor
   Embedding, MultiheadAttention's bare ``in_proj`` weights, Conv2d/Linear the forward never
   calls, ...) are named once in a warning; they stay float and their parameters count in the
   packed-size estimate's float part, as do norm layers' parameters.
+
+A count's plan key comes from the :class:`~qsearch.spaces.Ch` a zoo builder handed to the
+layer, or, for a plan keyed by module name (a width factory's, :mod:`qsearch.models`), is
+``"<module>.cin"``, ``".cout"``, ``".groups"`` or (BatchNorm) ``".features"`` when the plan
+has that entry.
 """
 
 from __future__ import annotations
@@ -65,8 +70,11 @@ class Layer:
         return self.params * self.out_hw[0] * self.out_hw[1]
 
 
-def _key(value) -> str | None:
-    return value.key if isinstance(value, Ch) else None
+def _key(value, plan: dict, name: str, dim: str) -> str | None:
+    """The plan entry of a count: the one its ``Ch`` names, else ``<name>.<dim>`` if planned."""
+    if isinstance(value, Ch):
+        return value.key
+    return f"{name}.{dim}" if f"{name}.{dim}" in plan else None
 
 
 def first_line(e: BaseException, limit: int = 200) -> str:
@@ -90,8 +98,8 @@ def trace_layers(family: Family, plan: dict, *, in_channels: int, num_classes: i
                            "forward calls: qsearch quantizes only those; give a model that "
                            "has them")
     _warn_float_layers(family.name, model, calls)
-    layers = [_layer(i, name, *call[:3]) for i, (name, call) in enumerate(calls.items())]
-    return layers, _float_extras(model, calls)
+    layers = [_layer(i, name, *call[:3], plan) for i, (name, call) in enumerate(calls.items())]
+    return layers, _float_extras(model, calls, plan)
 
 
 def _traced_forward(family: Family, plan: dict, in_channels: int, num_classes: int,
@@ -156,7 +164,7 @@ def _hw(shape: tuple, conv: bool) -> tuple[int, int]:
     return (math.prod(shape[1:-1]), 1)
 
 
-def _layer(i: int, name: str, m, ishape: tuple, oshape: tuple) -> Layer:
+def _layer(i: int, name: str, m, ishape: tuple, oshape: tuple, plan: dict) -> Layer:
     import torch.nn as nn
 
     conv = isinstance(m, nn.Conv2d)
@@ -169,11 +177,12 @@ def _layer(i: int, name: str, m, ishape: tuple, oshape: tuple) -> Layer:
         role = ("stem" if i == 0 else "depthwise" if groups > 1 and groups == cin
                 else "pointwise" if kernel == (1, 1) else "conv")
     return Layer(i, name, role, int(cin), int(cout), int(groups), kernel, stride,
-                 _hw(ishape, conv), _hw(oshape, conv), _key(cin), _key(cout),
-                 _key(groups) if groups > 1 else None, m.bias is not None)
+                 _hw(ishape, conv), _hw(oshape, conv), _key(cin, plan, name, "cin"),
+                 _key(cout, plan, name, "cout"),
+                 _key(groups, plan, name, "groups") if groups > 1 else None, m.bias is not None)
 
 
-def _float_extras(model, calls: dict[str, list]) -> list[Extra]:
+def _float_extras(model, calls: dict[str, list], plan: dict) -> list[Extra]:
     """BN (affine + running stats) and traced biases per channel, keyed to the plan; every
     other parameter (norm layers, layers left float) as a constant count."""
     import torch.nn as nn
@@ -181,15 +190,16 @@ def _float_extras(model, calls: dict[str, list]) -> list[Extra]:
     traced = {id(c[0]) for c in calls.values()}
     extras: list[Extra] = []
     counted: set[int] = set()
-    for mod in model.modules():
+    for name, mod in model.named_modules():
         if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-            extras.append((_key(mod.num_features), 4, int(mod.num_features)))
+            n = mod.num_features
+            extras.append((_key(n, plan, name, "features"), 4, int(n)))
             counted |= {id(p) for p in mod.parameters(recurse=False)}
         elif id(mod) in traced:
             counted.add(id(mod.weight))
             if mod.bias is not None:
                 n = mod.out_channels if isinstance(mod, nn.Conv2d) else mod.out_features
-                extras.append((_key(n), 1, int(n)))
+                extras.append((_key(n, plan, name, "cout"), 1, int(n)))
                 counted.add(id(mod.bias))
     extras += [(None, 1, p.numel()) for p in model.parameters() if id(p) not in counted]
     return extras

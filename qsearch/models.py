@@ -5,17 +5,21 @@
   downloaded). torchvision's stems read 3-channel images: for another ``in_channels`` the
   first Conv2d is replaced by one of the same shape reading ``in_channels`` channels.
 - ``path/to/file.py:fn`` or ``package.module:fn``: a factory
-  ``fn(*, num_classes, in_channels) -> nn.Module``.
+  ``fn(*, num_classes, in_channels) -> nn.Module``, optionally taking ``width`` too.
 
 Either becomes a *fixed-width* :class:`~qsearch.spaces.Family` (``fixed_width=True``): the
 model keeps its own channel counts, ``plan(width)`` is ``{}`` and the cost model reads every
 layer's shape from one trace (:mod:`qsearch.inventory`); budgets are met through the bits.
+A factory that takes ``width`` is a width family instead (``Family.user_width``): width
+alignment solves its width as for the zoo (:mod:`qsearch.factory_width`).
 Errors are one line naming the fix.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -25,11 +29,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from qsearch import QSearchError
+from qsearch.factory_width import for_data, plan_width, unbound_plan
 from qsearch.inventory import first_line
 from qsearch.spaces import Family
 
 TORCHVISION = "torchvision:"
 FACTORY_ARGS = ("num_classes", "in_channels")
+WIDTH_ARG = "width"  # optional: a factory that takes it is searched in width mode
 EXAMPLES = ("resnet18", "mobilenet_v3_small", "efficientnet_b0")
 
 
@@ -99,31 +105,45 @@ def replace_stem(model, in_channels: int) -> None:
 
 
 def factory_family(name: str, target: str, attr: str) -> Family:
-    """The fixed-width family of a user factory ``fn(*, num_classes, in_channels)``."""
+    """The family of a user factory ``fn(*, num_classes, in_channels)``: fixed width, or a
+    width family when ``fn`` also takes ``width`` (qsearch then always passes it)."""
     module = _import(name, target, attr)
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise QSearchError(f"{target!r} has no callable {attr!r} (model {name!r}): define "
                            f"def {attr}(*, num_classes, in_channels) returning the nn.Module "
                            "there, or name another function")
-    check_signature(name, attr, fn)
+    takes_width = check_signature(name, attr, fn)
 
     def build(plan: dict, *, in_channels: int, num_classes: int):
-        import torch.nn as nn
+        kwargs = {"num_classes": num_classes, "in_channels": in_channels}
+        if takes_width:
+            kwargs[WIDTH_ARG] = plan_width(name, plan)
+        return _call(name, fn, kwargs)
 
-        try:
-            model = fn(num_classes=num_classes, in_channels=in_channels)
-        except Exception as e:  # noqa: BLE001 - the user's code may raise anything
-            raise QSearchError(f"factory {name!r} failed for num_classes={num_classes}, "
-                               f"in_channels={in_channels} ({first_line(e)}): fix the "
-                               "factory") from None
-        if not isinstance(model, nn.Module):
-            raise QSearchError(f"factory {name!r} returned a {type(model).__name__}, not a "
-                               "torch.nn.Module: return the model")
-        return model
+    if not takes_width:
+        return Family(name, fixed_plan, build, f"user factory {name} (fixed width)", 0,
+                      fixed_width=True)
+    family = Family(name, unbound_plan, build, f"user factory {name} (width argument)", 0,
+                    user_width=True)
+    return dataclasses.replace(family, for_data=functools.partial(for_data, family))
 
-    return Family(name, fixed_plan, build, f"user factory {name} (fixed width)", 0,
-                  fixed_width=True)
+
+def _call(name: str, fn: Callable, kwargs: dict):
+    """The factory's model, or one line naming the call that failed."""
+    import torch.nn as nn
+
+    try:
+        model = fn(**kwargs)
+    except Exception as e:  # noqa: BLE001 - the user's code may raise anything
+        args = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                         for k, v in kwargs.items())
+        raise QSearchError(f"factory {name!r} failed for {args} ({first_line(e)}): fix the "
+                           "factory") from None
+    if not isinstance(model, nn.Module):
+        raise QSearchError(f"factory {name!r} returned a {type(model).__name__}, not a "
+                           "torch.nn.Module: return the model")
+    return model
 
 
 def _import(name: str, target: str, attr: str):
@@ -154,13 +174,13 @@ def _import(name: str, target: str, attr: str):
     return module
 
 
-def check_signature(name: str, attr: str, fn: Callable) -> None:
+def check_signature(name: str, attr: str, fn: Callable) -> bool:
     """The factory must take ``num_classes`` and ``in_channels`` by keyword and need nothing
-    else."""
+    else; True when it also takes ``width`` by keyword (with or without a default)."""
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):  # a builtin or C callable: the call will tell
-        return
+        return False
     params = list(sig.parameters.values())
     by_keyword = {p.name for p in params
                   if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
@@ -170,8 +190,11 @@ def check_signature(name: str, attr: str, fn: Callable) -> None:
             raise QSearchError(f"factory {name!r} does not accept {' and '.join(missing)} "
                                f"(its signature is {attr}{sig}): define it as "
                                f"def {attr}(*, num_classes, in_channels) returning the model")
-    needed = [p.name for p in params if p.default is p.empty and p.name not in FACTORY_ARGS
+    takes_width = WIDTH_ARG in by_keyword
+    passed = (*FACTORY_ARGS, WIDTH_ARG) if takes_width else FACTORY_ARGS
+    needed = [p.name for p in params if p.default is p.empty and p.name not in passed
               and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     if needed:
         raise QSearchError(f"factory {name!r} requires {', '.join(needed)}, which qsearch does "
                            f"not pass (its signature is {attr}{sig}): give them defaults")
+    return takes_width

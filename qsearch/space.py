@@ -4,8 +4,8 @@ One shape trace of a model family at width 1 records, for every quantizable laye
 (Conv2d/Linear), which plan entry feeds its Cin, Cout and groups. Any width is then
 evaluated from ``family.plan(width)`` alone, so costs and width alignment need no model.
 The trace is :func:`qsearch.inventory.trace_layers`. A fixed-width model (``torchvision:NAME``
-or a user factory, :mod:`qsearch.models`) has no plan keys: its layers keep their traced
-shapes, and ``align`` only checks that a candidate fits.
+or a user factory without ``width``, :mod:`qsearch.models`) has no plan keys: its layers keep
+their traced shapes, and ``align`` only checks that a candidate fits.
 
 Costs (all vectorised over layers):
 
@@ -36,6 +36,7 @@ from qsearch import QSearchError
 from qsearch.budget import Budget, format_cost
 from qsearch.candidate import FLOAT_BITS, Candidate
 from qsearch.data import dataset_info
+from qsearch.factory_width import check_monotone
 from qsearch.inventory import trace_layers
 from qsearch.pins import PIN_CHOICES, match_pins
 from qsearch.spaces import Ch, at_own_width, get_family
@@ -62,8 +63,8 @@ class SearchSpace:
 
     Args:
         model: a registered family name (``qsearch.spaces.list_families()``), or a
-            fixed-width model: ``torchvision:NAME`` or a factory ``path/to/file.py:fn``
-            (:mod:`qsearch.models`); its channels are its own (width 1 only).
+            ``torchvision:NAME`` or a factory ``path/to/file.py:fn`` (:mod:`qsearch.models`):
+            fixed width (its own channels), or a width family if the factory takes ``width``.
         dataset: dataset name; sets input channels, classes and resolution.
         a_bits: activation bits of candidates (4 matches the papers' CIFAR setting and is
             iso-accurate with float on Fashion-MNIST in our runs; 32 = float).
@@ -89,12 +90,15 @@ class SearchSpace:
                  width_bounds: tuple[float, float] = (0.05, 32.0), count_bias: bool = False,
                  fixed_width: bool = False, pins: Mapping[str, int] | None = None):
         self.model, self.dataset = model, dataset
+        self.info = dataset_info(dataset, data_root)
         self.family = get_family(model)
+        if self.family.for_data:  # a width factory: its plan traces its model on this data
+            self.family = self.family.for_data(in_channels=self.info.in_channels,
+                                               num_classes=self.info.num_classes)
         # a width family searched at its own 1x channels (bits only), e.g. from a checkpoint
         self.own_width = bool(fixed_width and not self.family.fixed_width)
         if self.own_width:
             self.family = at_own_width(self.family)
-        self.info = dataset_info(dataset, data_root)
         bad = [b for b in bit_choices if b not in (*range(1, 9), FLOAT_BITS)]
         if bad or not bit_choices:
             raise QSearchError(f"bit choices {list(bit_choices)} not allowed: use values "
@@ -122,6 +126,7 @@ class SearchSpace:
         self._hw_in = np.array([l.in_hw[0] * l.in_hw[1] for l in self.layers], float)
         self._bias = np.array([l.bias and self.count_bias for l in self.layers], float)
         self.pins = dict(pins or {})
+        self._width_checked: set[str] = set()  # cost kinds checked to grow with the width
         self._pattern_pins = match_pins(self.pins, [l.name for l in self.layers])
 
     # ----- structure -------------------------------------------------------------------
@@ -299,10 +304,13 @@ class SearchSpace:
         steps), largest fitting increase first, until nothing more fits: the result is
         usually within [99%, 100%] of the budget. ``Aligned.ratio`` reports what was reached.
         A fixed-width model's width cannot change: the candidate fits as it is, or it is an
-        error.
+        error. A width factory gets no top-up and its cost is checked to grow with the width.
         """
         if self.family.fixed_width:
             return self._fits_as_is(cand, budget)
+        if self.family.user_width and budget.kind not in self._width_checked:
+            check_monotone(self, budget.kind)  # once per cost kind, at the first alignment
+            self._width_checked.add(budget.kind)
         lo, hi = self.width_bounds
         cand = cand.with_width(lo)
         def cost(w: float) -> float:
@@ -393,7 +401,9 @@ class SearchSpace:
 
     @cached_property
     def _scalable_keys(self) -> list[str]:
-        """Plan keys whose channel count follows the width multiplier."""
+        """Plan keys whose channel count follows the width multiplier (top-up grows them)."""
+        if self.family.user_width:  # a factory builds from its width alone: nothing to grow
+            return []
         small, large = self.plan(1.0), self.plan(4.0)
         return sorted({ch.key for n, ch in small.items() if int(large[n]) != int(ch)})
 

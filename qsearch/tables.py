@@ -13,7 +13,8 @@ def space_table(space, cand, aligned=None) -> str:
     yes = {True: "yes", False: "no"}
     fixed = space.family.fixed_width
     width = "fixed width (its own channels)" if fixed else f"width {cand.width:.4g}"
-    channels = ("" if fixed else f"first/last channels fixed: {yes[space.fixed_first]}/"
+    own = fixed or space.family.user_width  # the model decides its first/last channels
+    channels = ("" if own else f"first/last channels fixed: {yes[space.fixed_first]}/"
                 f"{yes[space.fixed_last]}, ")
     lines = [f"{space.model} on {space.dataset}: {len(rows)} quantizable layers, {width}, "
              f"activations {cand.a_bits} bit",

@@ -19,7 +19,9 @@ architecture needs them equal (a ResNet stem and the first stage it adds to).
 A *fixed-width* family (``Family.fixed_width``) has no width multiplier: ``plan`` returns
 ``{}``, the builder makes the model's own channels and budgets are met through the bits. Models
 given as ``torchvision:NAME`` or ``path/to/file.py:fn`` are such families
-(:mod:`qsearch.models`); they are resolved by name, not registered.
+(:mod:`qsearch.models`); they are resolved by name, not registered. A factory that takes a
+``width`` is a width family (``Family.user_width``): its plan keys every layer's counts by
+module name (``"<module>.cin"``), read from the factory's model at that width.
 
 Channel rounding rule, stated once: CIFAR-style families use ``round_channels``
 (nearest integer, at least 1); MobileNets use ``make_divisible`` (multiples of 8, never
@@ -87,6 +89,14 @@ class Family:
     # True: the model's own channels, no width multiplier (``plan`` returns {}; budgets are
     # met through the bits). torchvision and user-factory models (qsearch.models).
     fixed_width: bool = False
+    # True: the width goes to a user factory (``fn(..., width)``, qsearch.models) whose
+    # channel rule qsearch does not know. Its plan is traced from the factory's model, so
+    # alignment cannot add channels to one plan entry (no top-up: the factory takes only a
+    # width) and the cost is checked to grow with the width before bisection relies on it.
+    user_width: bool = False
+    # A family whose plan needs the data's shapes (a width factory traces its model):
+    # ``for_data(in_channels=, num_classes=)`` gives the family whose plan works.
+    for_data: Callable[..., Family] | None = None
 
 
 def at_own_width(family: Family) -> Family:

@@ -327,3 +327,160 @@ def test_qsearch_run_searches_a_user_factory_through_its_bits(factory, tmp_path)
     df = pd.read_parquet(out / "results.parquet")
     assert (df.status == "ok").all() and set(df.stage) == {"search", "final"}
     assert (df.width == 1.0).all() and (df.c_size <= budget * 8).all()
+
+
+# ----- width mode: a factory that takes `width` is aligned by its width, as the zoo --------
+WIDTH_FACTORY = '''
+import torch
+import torch.nn as nn
+
+
+def ch(c, width):
+    return max(1, round(c * width))
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.reduce = nn.Conv2d(c, max(1, c // 4), 1)
+        self.expand = nn.Conv2d(max(1, c // 4), c, 1)
+
+    def forward(self, x):
+        s = x.mean((2, 3), keepdim=True)
+        return x * torch.sigmoid(self.expand(torch.relu(self.reduce(s))))
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes, in_channels, width, extra=False):
+        super().__init__()
+        c1, c2, c3 = ch(16, width), ch(32, width), ch(64, width)
+        self.stem = nn.Conv2d(in_channels, c1, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c1)
+        self.dw = nn.Conv2d(c1, c1, 3, stride=2, padding=1, groups=c1, bias=False)
+        self.pw = nn.Conv2d(c1, c2, 1, bias=False)
+        self.se = SqueezeExcite(c2)
+        self.conv = nn.Conv2d(c2, c3, 3, padding=1, bias=False)
+        self.extra = nn.Conv2d(c3, c3, 1) if extra else nn.Identity()
+        self.fc = nn.Linear(c3, num_classes)
+
+    def forward(self, x):
+        x = self.pw(self.dw(torch.relu(self.bn(self.stem(x)))))
+        x = self.extra(torch.relu(self.conv(self.se(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def build(*, num_classes, in_channels, width=1.0):
+    return Net(num_classes, in_channels, width)
+
+
+def shrinking(*, num_classes, in_channels, width):  # no default: qsearch always passes it
+    return Net(num_classes, in_channels, 1 / width)
+
+
+def grows_a_layer(*, num_classes, in_channels, width):
+    return Net(num_classes, in_channels, width, extra=width > 1)
+'''
+
+
+@pytest.fixture
+def width_factory(tmp_path):
+    path = tmp_path / "widenet.py"
+    path.write_text(WIDTH_FACTORY)
+    return path
+
+
+def weights_times_bits(path, cand, bits: dict[str, int]) -> float:
+    """C_size counted on the factory's own model at the candidate's width."""
+    import runpy
+
+    in_channels, num_classes, _ = SHAPES["synthetic"]
+    model = runpy.run_path(str(path))["build"](num_classes=num_classes,
+                                                in_channels=in_channels, width=cand.width)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    assert set(layers) == set(bits)
+    return sum(bits[n] * m.weight.numel() for n, m in layers.items())
+
+
+def test_a_width_factory_is_aligned_by_its_width(width_factory):
+    space = SearchSpace(f"{width_factory}:build", "synthetic")
+    assert not space.family.fixed_width and space.family.user_width
+    assert [l.role for l in space.layers] == ["stem", "depthwise", "pointwise", "pointwise",
+                                              "pointwise", "conv", "fc"]
+    assert space.layers[1].groups_key == "dw.groups" and space.top_up_limits(1.0) == {}
+    ref = space.c_size(space.candidate(4))  # the 4-bit model at width 1
+    mixed = [1, 2, 4, 8, 2]  # one per free layer (first and last pinned at 8)
+    ratios = []
+    for scale in (0.3, 1.0, 3.0):
+        for bits in (1, 2, 8, mixed):
+            aligned = space.align(space.candidate(bits), Budget("size", scale * ref))
+            cand = aligned.candidate
+            assert cand.width != 1.0 and not cand.channels
+            size = space.c_size(cand)
+            assert size == weights_times_bits(width_factory, cand, space.layer_bits(cand))
+            assert size <= scale * ref and aligned.ratio == size / (scale * ref)
+            ratios.append(aligned.ratio)
+            built = space.build(cand)  # the factory's model at the solved width
+            assert built.conv.out_channels == max(1, round(64 * cand.width))
+    # no channel top-up, so small widths fill less than the zoo's ~99%: measured >= 0.975
+    assert min(ratios) >= 0.95
+    bitops = space.align(space.candidate(2), Budget("bitops", space.bitops(space.candidate(4))))
+    assert 0.95 <= bitops.ratio <= 1.0 and bitops.candidate.width > 1
+
+
+def test_a_width_factory_packed_size_follows_the_width(width_factory):
+    space = SearchSpace(f"{width_factory}:build", "synthetic")
+    cand = space.candidate(8, width=2.0)
+    model = space.build(cand)
+    weights = sum(l.params for l in space.layers)  # at width 1
+    assert space.c_size(cand) == 8 * sum(m.weight.numel() for m in model.modules()
+                                         if isinstance(m, (nn.Conv2d, nn.Linear)))
+    assert space.c_size(cand) > 8 * weights
+    floats = sum(p.numel() for p in model.parameters()) - space.c_size(cand) // 8
+    floats += 2 * model.bn.num_features  # BN running mean and variance
+    assert space.packed_bytes(cand)["float_bytes"] == 4 * floats
+
+
+def test_a_width_factory_whose_cost_shrinks_with_width_is_refused(width_factory):
+    space = SearchSpace(f"{width_factory}:shrinking", "synthetic")
+    assert space.family.user_width  # a width without a default is still a width argument
+    with pytest.raises(QSearchError, match=r"shrinking': its C_size decreases as the width "
+                       r"grows \(.* at width 0\.05, .* at width 0\.126\), so width alignment "
+                       r"cannot solve it: make the factory's channel counts non-decreasing "
+                       r"in width, or drop its width argument") as e:
+        space.align(space.candidate(2), Budget("size", space.c_size(space.candidate(2))))
+    assert "\n" not in str(e.value)
+    other = SearchSpace(f"{width_factory}:grows_a_layer", "synthetic")
+    with pytest.raises(QSearchError, match=r"builds other layers at width .* \(missing: -; "
+                       r"new: extra\): keep the same Conv2d, Linear and BatchNorm layers"):
+        other.align(other.candidate(2), Budget("size", 3 * other.c_size(other.candidate(2))))
+
+
+def test_a_width_factory_at_its_own_width(width_factory):
+    space = SearchSpace(f"{width_factory}:build", "synthetic", fixed_width=True)
+    assert space.family.fixed_width and space.describe()["fixed_width"]
+    cand = space.candidate(2)
+    assert space.align(cand, Budget("size", space.c_size(cand))).candidate.width == 1.0
+    assert space.build(cand).conv.out_channels == 64
+
+
+def test_qsearch_run_searches_a_width_factory_by_its_width(width_factory, tmp_path):
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    out = tmp_path / "wf"
+    space = SearchSpace(f"{width_factory}:build", "synthetic")
+    budget = space.c_size(space.candidate(4)) / 8 / 2  # bytes: half the 4-bit 1x model
+    r = subprocess.run(
+        [sys.executable, "-m", "qsearch.cli", "run", "--model", f"{width_factory.name}:build",
+         "--dataset", "synthetic", "--strategy", "random", "--budget", f"{budget:.0f}B",
+         "--trials", "2", "--steps", "5", "--batch-size", "32", "--final-seeds", "1",
+         "--out", str(out)], cwd=width_factory.parent, capture_output=True, text=True,
+        timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "spec.json").read_text())["model"] == f"{width_factory}:build"
+    df = pd.read_parquet(out / "results.parquet")
+    assert (df.status == "ok").all() and set(df.stage) == {"search", "final"}
+    assert (df.width != 1.0).all() and df.width.nunique() > 1
+    assert (df.c_size <= budget * 8).all() and (df.c_size >= 0.95 * budget * 8).all()
