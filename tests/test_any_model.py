@@ -1,6 +1,6 @@
-"""Your own model (issue 17, first slice): torchvision builders and user factories get the
-layer inventory and the exact cost model in fixed-width mode; `qsearch run` refuses them in
-one line until fixed-width search lands."""
+"""Your own model: torchvision builders and user factories get the layer inventory and the
+exact cost model; fixed-width models are searched through their bits by every strategy, and a
+factory taking a width is width-aligned like the zoo."""
 
 from __future__ import annotations
 
