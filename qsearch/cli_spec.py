@@ -55,13 +55,13 @@ def specs_from_args(args):
     if base.get("evaluator") == "supernet":  # `strategy: all` then means those it can serve
         strategies = [n for n in strategies if get_strategy(n).train_trials]
     flags = {key for key in _RUN_FLAGS if getattr(args, key) is not None}
+    recipes = expand_matrix(base, strategies)
     specs = [_apply_flags(Spec.from_dict(d, source=args.recipe or "spec"), args)
-             for d in expand_matrix(base, strategies)]
+             for d in recipes]
     # trials run in other directories (a Ray worker's, another node's): absolute paths
     specs = [s.replace(model=portable_name(s.model), checkpoint=s.checkpoint and str(
         Path(s.checkpoint).expanduser().resolve())) for s in specs]
-    return [search_defaults(s, set(d) | flags)
-            for s, d in zip(specs, expand_matrix(base, strategies))]
+    return [search_defaults(s, set(d) | flags) for s, d in zip(specs, recipes)]
 
 
 def _apply_flags(spec, args):
