@@ -65,24 +65,36 @@ def calibrate(model: nn.Module, batches: Iterable, n: int, device: str, *,
             model(x.to(device))
 
 
+def quantized_from(ctx: TaskContext, cand, weights: str, *, scheme: str = "dualprecision",
+                   batches: int = CALIB_BATCHES) -> nn.Module:
+    """The float ``weights`` (a state_dict file) quantized at ``cand``'s bits with ``scheme``
+    and calibrated on ``batches`` training batches of the trial's order: the model of a
+    post-training trial (this module's ``ptq`` and MixQuant's)."""
+    import torch
+
+    from qsearch.pretrained import load_pretrained
+    from qsearch.qlayers import quantize_model
+
+    torch.manual_seed(ctx.seed)
+    model = ctx.space.build(cand)
+    load_pretrained(model, weights, ctx.space.model)
+    quantize_model(model, ctx.space.layer_bits(cand), cand.a_bits, scheme=scheme)
+    model.to(ctx.device)
+    order = torch.Generator().manual_seed(ctx.seed)
+    calibrate(model, ctx.splits().train.batches(ctx.train_config().batch_size, shuffle=True,
+                                                generator=order), batches, ctx.device)
+    return model
+
+
 @register_task("ptq")
 def ptq_task(ctx: TaskContext) -> Result:
     """The proposed candidate as the checkpoint quantized post-training: validation accuracy."""
-    import torch
-
-    from qsearch.qlayers import quantize_model
     from qsearch.train import evaluate
 
     cand = ctx.proposal.candidate
     start = time.perf_counter()
-    model = ctx.build(cand)
-    quantize_model(model, ctx.space.layer_bits(cand), cand.a_bits)
-    model.to(ctx.device)
-    splits, config = ctx.splits(), ctx.train_config()
-    order = torch.Generator().manual_seed(ctx.seed)
-    calibrate(model, splits.train.batches(config.batch_size, shuffle=True, generator=order),
-              CALIB_BATCHES, ctx.device)
-    acc, loss = evaluate(model, splits.val, batch_size=config.eval_batch_size,
+    model = quantized_from(ctx, cand, ctx.checkpoint)
+    acc, loss = evaluate(model, ctx.splits().val, batch_size=ctx.train_config().eval_batch_size,
                          device=ctx.device)
     return Result("ok", acc, cand, {**cost_metrics(ctx.space, cand, ctx.budget),
                                     "val_loss": loss, "trial_mode": "ptq",

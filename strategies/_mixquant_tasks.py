@@ -111,24 +111,14 @@ def _save_weights(model, directory: Path, ctx: TaskContext) -> str:
 @register_task("mixquant_ptq")
 def ptq_task(ctx: TaskContext) -> Result:
     """Post-training quantization of the float weights at the proposal's bits, then eval."""
-    import torch
-
-    from qsearch.pretrained import load_pretrained
-    from qsearch.ptq import calibrate
-    from qsearch.qlayers import quantize_model
+    from qsearch.ptq import quantized_from
     from qsearch.train import evaluate
 
     cand, p = ctx.proposal.candidate, ctx.proposal.params
     start = time.perf_counter()
-    torch.manual_seed(ctx.seed)
-    model = ctx.space.build(cand)
-    load_pretrained(model, p["weights_path"], ctx.space.model)
-    quantize_model(model, ctx.space.layer_bits(cand), cand.a_bits, scheme=p["scheme"])
-    model.to(ctx.device)
+    model = quantized_from(ctx, cand, p["weights_path"], scheme=p["scheme"],
+                           batches=p["calib_batches"])  # BN re-estimated, as ptq trials
     splits, config = ctx.splits(), ctx.train_config()
-    calibrate(model, splits.train.batches(config.batch_size, shuffle=True,
-                                          generator=torch.Generator().manual_seed(ctx.seed)),
-              p["calib_batches"], ctx.device)  # BN re-estimated (docs/results/pretrained.md)
     ptq_acc, ptq_loss = evaluate(model, splits.val, batch_size=config.eval_batch_size,
                                  device=ctx.device)
     metrics = {**cost_metrics(ctx.space, cand, ctx.budget), "qem": p["qem"],
