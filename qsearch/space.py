@@ -383,21 +383,21 @@ class SearchSpace:
 
     def raise_to_fill(self, cand: Candidate, budget: Budget,
                       levels: Sequence[int] | None = None) -> Candidate:
-        """``cand`` (which fits) with free layers raised one ``levels`` step at a time, first
-        layer to last, while the model still fits: what bits alone can fill of the budget on
-        a fixed-width model. No free layer of the result can go one step up and fit."""
-        levels = sorted(levels or self.bit_choices)
-        up = {b: levels[i + 1] for i, b in enumerate(levels[:-1])}
-        bits, raised = list(cand.w_bits), True
-        while raised:
-            raised = False
-            for j in self.free_layers:
-                if bits[j] in up:
-                    trial = Candidate(tuple(bits[:j] + [up[bits[j]]] + bits[j + 1:]),
-                                      cand.a_bits, cand.width, cand.channels)
-                    if self.cost(trial, budget.kind) <= budget.value:
-                        bits, raised = list(trial.w_bits), True
-        return Candidate(tuple(bits), cand.a_bits, cand.width, cand.channels)
+        """``cand`` (which fits) with free layers kept or raised to larger ``levels`` (default:
+        the space's bit choices), at the closest cost below the budget that allows
+        (:func:`qsearch.fill.raise_to_fill`): what bits alone fill on a fixed-width model."""
+        from qsearch.fill import raise_to_fill
+
+        free, kind, w = self.free_layers, budget.kind, cand.w_bits
+        def with_bits(bits: Sequence[int]) -> Candidate:
+            return Candidate(tuple(bits), cand.a_bits, cand.width, cand.channels)
+        def unit(j: int) -> int:  # the cost of one more bit on layer j (cost is linear)
+            one, two = (self.cost(with_bits([*w[:j], b, *w[j + 1:]]), kind) for b in (1, 2))
+            return round(two - one)
+        room = int(budget.value - self.cost(cand, kind))
+        raised = dict(zip(free, raise_to_fill([unit(j) for j in free], [w[j] for j in free],
+                                              sorted(levels or self.bit_choices), room)))
+        return with_bits([raised.get(j, b) for j, b in enumerate(w)])
 
     @cached_property
     def _scalable_keys(self) -> list[str]:

@@ -20,7 +20,7 @@ import math
 import pkgutil
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
@@ -169,6 +169,15 @@ class Strategy(ABC):
         fixed-width model, lowered until they fit (HAQ's rule, ``SearchSpace.lower_to_fit``)
         since there is no width to solve."""
         return self.space.fit(self.space.candidate(bits, a_bits=a_bits), self.budget)
+
+    def fill(self, bits, levels: Sequence[int] | None = None) -> Candidate:
+        """:meth:`align`, and on a fixed-width model also raised to fill what its bits
+        allow of the budget (:meth:`SearchSpace.raise_to_fill`): no free layer of the
+        result can go one ``levels`` step up (default: the space's bit choices) and fit."""
+        cand = self.align(bits)
+        if self.space.family.fixed_width:
+            cand = self.space.raise_to_fill(cand, self.budget, levels)
+        return cand
 
 
 def bit_subset(strategy: str, bits: object, space: SearchSpace) -> list[int]:

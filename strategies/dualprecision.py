@@ -11,6 +11,10 @@ Cost trick (Sec. 6): one precision Pareto-dominates the others across sizes, so 
 be run at a small size (the paper uses the size of the 0.25x 8-bit model) and the winner
 re-aligned to the target. That is the runner's proxy-budget mechanism (``proxy_budget`` in
 the experiment spec): this strategy simply aligns every cell to the budget it is given.
+
+A fixed-width model (its own channels) has no width to align: cells that do not fit are
+infeasible, and cells that leave room for one group's next bit-width are dominated (the
+grid runs the largest feasible bits only).
 """
 
 from __future__ import annotations
@@ -64,6 +68,23 @@ class DualPrecision(GridStrategy):
         if not self.cells:
             raise QSearchError(f"no dualprecision cell fits the budget {budget}: "
                                f"{self.infeasible[0][1]}")
+        self.dominated: list[dict[str, int]] = []
+        if space.family.fixed_width:
+            self._drop_dominated()
+
+    def _drop_dominated(self) -> None:
+        """Fixed width: keep the cells no group of which can take the next bit-width and
+        still fit (the largest feasible bits); the others leave budget unused with nothing
+        to trade for it, and are listed as ``dominated``."""
+        up = dict(zip(self.bits, self.bits[1:]))
+        def fits(cell: dict[str, int]) -> bool:
+            cost = self.space.cost(self.space.candidate(cell), self.budget.kind)
+            return cost <= self.budget.value
+        keep = [not any(cell[g] in up and fits({**cell, g: up[cell[g]]}) for g in cell)
+                for cell in self.cells]
+        self.dominated = [c for c, k in zip(self.cells, keep) if not k]
+        self.aligned = [a for a, k in zip(self.aligned, keep) if k]
+        self.cells = [c for c, k in zip(self.cells, keep) if k]
 
     def propose(self, cell: dict[str, int]) -> Proposal:
         i = self.cells.index(cell)
@@ -97,6 +118,7 @@ class DualPrecision(GridStrategy):
                           "budget_ratio": aligned.ratio, "error": self.errors.get(i)})
         cells += [{**cell, "status": "infeasible", "val_acc": None, "error": why}
                   for cell, why in self.infeasible]
+        cells += [{**cell, "status": "dominated", "val_acc": None} for cell in self.dominated]
         i, best = self.best_cell(), None
         if i is not None:
             best = {**self.cells[i], "val_acc": self.done[i],

@@ -53,8 +53,11 @@ class HAQ(Strategy):
     episode is one trial; its accuracy is the reward, given to every transition of the
     episode. The budget is enforced by construction rather than by the reward: ``align``
     re-solves the width multiplier so the proposal fills it, ``fixed`` lowers bits layer by
-    layer as HAQ does (:func:`lower_bits_to_fit`). After ``warmup`` random episodes the
-    agent explores with truncated-normal noise around its actor, decaying per episode.
+    layer as HAQ does (:func:`lower_bits_to_fit`); on a fixed-width model (its own channels)
+    they are then raised to the closest cost below the budget (qsearch's addition,
+    :meth:`SearchSpace.raise_to_fill`: no episode leaves budget its layers could take).
+    After ``warmup`` random episodes the agent explores with truncated-normal noise around
+    its actor, decaying per episode.
 
     Args:
         mode: ``"align"`` (default) re-solves the width multiplier so every proposal fills
@@ -182,7 +185,11 @@ class HAQ(Strategy):
         """Bits -> a candidate within budget, by width (align) or by lowering bits (fixed)."""
         if self.mode == "fixed":
             bits = lower_bits_to_fit(self.space, bits, self.width, self.budget, self.levels)
-            return bits, self.space.candidate(bits, width=self.width)
+            cand = self.space.candidate(bits, width=self.width)
+            if self.space.family.fixed_width:  # its own channels: raised to fill the budget
+                cand = self.space.raise_to_fill(cand, self.budget, self.levels)
+                bits = [cand.w_bits[i] for i in self.space.free_layers]
+            return bits, cand
         if self.space.min_cost(self.space.candidate(bits), self.budget.kind) > self.budget.value:
             # a tiny budget: too many bits even at the narrowest width, so HAQ's wall there
             bits = lower_bits_to_fit(self.space, bits, self.space.width_bounds[0],

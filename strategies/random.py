@@ -20,10 +20,7 @@ class RandomSearch(Strategy):
 
     def ask(self, trial_id: str) -> Proposal:
         choice = self.rng.choice(self.bits, size=len(self.space.free_layers))
-        cand = self.align([int(b) for b in choice])
-        if self.space.family.fixed_width:
-            cand = self.space.raise_to_fill(cand, self.budget, self.bits)
-        return Proposal(cand)
+        return Proposal(self.fill([int(b) for b in choice], self.bits))
 
     def tell(self, trial_id: str, result: Result) -> None:
         pass  # proposals do not depend on results

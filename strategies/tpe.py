@@ -4,7 +4,9 @@
 proposes bits per free layer (``per="layer"``) or per layer group (``per="group"``:
 depthwise / other, DualPrecision's two precisions) from ``space.bit_choices``; the width is
 solved so every candidate fills the budget (width alignment), and TPE maximises validation
-accuracy.
+accuracy. A fixed-width model has no width to solve: sampled per-layer bits are lowered to
+fit and raised to fill the budget (``Strategy.fill``), so no trial is infeasible and each
+uses what its bits can of the budget; TPE models accuracy as a function of what it sampled.
 
 ``objective="pareto"``: NSGA-II (``NSGAIISampler``) over (validation accuracy, max;
 cost, min), the cost being the budget's kind (C_size, Eq. 6 of DualPrecision, for a size
@@ -29,6 +31,7 @@ import numpy as np
 
 from qsearch import QSearchError
 from qsearch.budget import Budget
+from qsearch.candidate import Candidate
 from qsearch.space import SearchSpace
 from qsearch.strategy import Proposal, Result, Strategy, register_strategy
 
@@ -146,6 +149,14 @@ class TPE(Strategy):
         values = {name: trial.suggest_categorical(name, self.choices) for name in self.params}
         return values if self.per == "group" else list(values.values())
 
+    def _place(self, bits: dict[str, int] | list[int]) -> Candidate:
+        """Sampled bits as a candidate within the budget: width-aligned; on a fixed-width
+        model, per-layer bits are repaired (lowered to fit, raised to fill: ``fill``) and
+        per-group bits that do not fit raise (the trial is resampled)."""
+        if self.space.family.fixed_width and self.per == "layer":
+            return self.fill(bits, self.choices)
+        return self.space.align(self.space.candidate(bits), self.budget).candidate
+
     # ----- contract --------------------------------------------------------------------
     def ask(self, trial_id: str) -> Proposal:
         from optuna.trial import TrialState
@@ -154,12 +165,11 @@ class TPE(Strategy):
             self.study.sampler = self._sampler(len(self.study.get_trials(deepcopy=False)))
             trial = self.study.ask()
             try:
-                aligned = self.space.align(self.space.candidate(self._bits(trial)), self.budget)
+                cand = self._place(self._bits(trial))
             except QSearchError as e:  # these bits cannot fit at any allowed width
                 trial.set_user_attr("infeasible", str(e))
                 self.study.tell(trial, state=TrialState.FAIL)
                 continue
-            cand = aligned.candidate
             if self.objective == "pareto":
                 scale = trial.suggest_float("width_scale", *self.width_range, log=True)
                 w_lo, w_hi = self.space.width_bounds

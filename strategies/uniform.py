@@ -2,7 +2,9 @@
 
 Each bit-width in the set is width-aligned to the budget, so the proposals compare
 precisions at matched size; first and last layers keep the space's pinned bits. A
-fixed-width model has no width to align: its cells are the bit-widths that fit as they are.
+fixed-width model has no width to align, so nothing trades for bits left unused: its one
+cell is the largest bit-width that fits as it is (fewer bits on the same channels are
+listed as ``dominated``, more as ``over_budget``).
 """
 
 from __future__ import annotations
@@ -21,15 +23,18 @@ class Uniform(GridStrategy):
         super().__init__(space, budget, seed=seed)
         self.cells = bit_subset("uniform", bits, space)
         self.over_budget: list[int] = []  # fixed width: bit-widths too large to fit
+        self.dominated: list[int] = []  # fixed width: fewer bits than the largest that fits
         if space.family.fixed_width:
-            fits = [b for b in self.cells
-                    if space.cost(space.candidate(b), budget.kind) <= budget.value]
+            fits = sorted(b for b in self.cells
+                          if space.cost(space.candidate(b), budget.kind) <= budget.value)
             self.over_budget = sorted(set(self.cells) - set(fits))
-            self.cells = fits or [min(self.cells)]  # none fits: lowered to fit (align)
+            self.dominated = fits[:-1]
+            self.cells = fits[-1:] or [min(self.cells)]  # none fits: lowered to fit (align)
 
     def propose(self, bits: int) -> Proposal:
         return Proposal(self.align(bits), params={"bits": bits})
 
     def summary(self) -> dict:
-        over = {"over_budget_bits": self.over_budget} if self.over_budget else {}
-        return {"accuracy_by_bits": {str(b): acc for b, acc in self.results()}, **over}
+        fixed = {k: v for k, v in (("over_budget_bits", self.over_budget),
+                                   ("dominated_bits", self.dominated)) if v}
+        return {"accuracy_by_bits": {str(b): acc for b, acc in self.results()}, **fixed}

@@ -17,6 +17,7 @@ from qsearch.budget import Budget, parse_budget
 from qsearch.cli import main
 from qsearch.space import SearchSpace
 from qsearch.spaces import get_family
+from qsearch.strategy import list_strategies
 
 # torchvision models not in spaces/ (the zoo's resnet18 is our own build of the same layout)
 TORCHVISION = ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "regnet_x_400mf",
@@ -271,28 +272,105 @@ def test_space_show_prints_the_table(capsys):
 
 
 # ----- fixed-width search: every strategy meets the budget through the bits ---------------
-@pytest.mark.parametrize("strategy", ["uniform", "random", "dualprecision", "tpe", "haq"])
-def test_every_proposal_on_a_fixed_width_model_fits_through_its_bits(strategy):
-    from qsearch.strategy import FINISHED, create_strategy
+def _fixed_width_search(strategy: str, space: SearchSpace, budget: Budget):
+    """Drive ``strategy`` for up to 6 trials: ``train`` proposals scored by a deterministic
+    function of the bits (more bits, higher), other tasks (MixQuant's float model,
+    FracBits' one-shot run) really run. Returns the strategy and the (candidate, score)
+    of every evaluated candidate."""
+    from qsearch.strategy import FINISHED, Result, create_strategy
+    from qsearch.tasks import TaskContext, get_task
 
-    space = SearchSpace("torchvision:resnet18", "synthetic")
-    budget = parse_budget("3MB")  # 1-bit free layers: 1.4MB, 2-bit: 2.8MB, 4-bit: 5.6MB
     s = create_strategy(strategy, space, budget, seed=0)
     s.max_trials = 6
-    proposals = [p for p in (s.ask(str(i)) for i in range(6)) if p not in (None, FINISHED)]
-    assert proposals
-    for p in proposals:
-        assert p.candidate.width == 1.0 and not p.candidate.channels
-        assert space.c_size(p.candidate) <= budget.value
-        if strategy == "random":  # repaired to fill: no free layer can go one step up
-            up = {1: 2, 2: 4, 4: 8}
-            for j in space.free_layers:
-                bits = list(p.candidate.w_bits)
-                if bits[j] in up:
-                    bits[j] = up[bits[j]]
-                    assert space.c_size(space.candidate(bits)) > budget.value
-    if strategy == "uniform":  # the uniform bit-widths that fit as they are: 1 and 2
-        assert [p.params["bits"] for p in proposals] == [1, 2] and s.over_budget == [4, 8]
+    scored = []
+    for i in range(6):
+        p = s.ask(str(i))
+        if p is None or p == FINISHED:
+            break
+        if p.task == "train":
+            r = Result("ok", sum(p.candidate.w_bits) / 100, p.candidate)
+        else:
+            ctx = TaskContext(space=space, proposal=p, budget=budget, data={}, seed=0,
+                              device="cpu", report=lambda m, s=None: False,
+                              train={"steps": 4, "batch_size": 16, "eval_every_steps": 4})
+            r = get_task(p.task)(ctx)
+        if r.candidate is not None:
+            scored.append((r.candidate, r.val_acc))
+        s.tell(str(i), r)
+    return s, scored
+
+
+def _closest_by_raises(space, cand, budget, levels) -> float:
+    """By enumeration: the largest C_size within the budget among the candidates that keep
+    or raise each free layer's bits of ``cand`` (to larger ``levels``)."""
+    import itertools
+
+    free = space.free_layers
+    unit = {j: space.layers[j].params for j in free}  # C_size per bit of a layer
+    base = space.c_size(cand) - sum(unit[j] * cand.w_bits[j] for j in free)
+    options = [[b for b in {cand.w_bits[j], *levels} if b >= cand.w_bits[j]] for j in free]
+    sums = (base + sum(unit[j] * b for j, b in zip(free, bits))
+            for bits in itertools.product(*options))
+    return max(c for c in sums if c <= budget.value)
+
+
+def _one_step_up_fits(space, cand, budget, levels, groups=None) -> bool:
+    """Whether one free layer (or one whole group) can take the next of ``levels`` and fit."""
+    up = dict(zip(levels, levels[1:]))
+    for idx in (groups or [[j] for j in space.free_layers]):
+        bits = list(cand.w_bits)
+        if all(bits[j] in up for j in idx):
+            for j in idx:
+                bits[j] = up[bits[j]]
+            if space.c_size(space.candidate(bits)) <= budget.value:
+                return True
+    return False
+
+
+def _closest_qem_allocation(s, space, budget) -> float:
+    """The largest C_size below the budget among MixQuant's Eq. (1) allocations."""
+    from strategies._qe import mixquant_bits, qem_breakpoints
+
+    free = s.table[space.free_layers]
+    costs = [space.c_size(space.candidate(mixquant_bits(free, q, choices=s.bits)))
+             for q in qem_breakpoints(free, choices=s.bits)]
+    return max(c for c in costs if c <= budget.value)
+
+
+@pytest.mark.parametrize("strategy", list_strategies(search_only=True))
+def test_every_strategy_fills_a_fixed_width_budget_through_its_bits(strategy, factory):
+    """The issue's contract on a user factory with squeeze-excitation and depthwise
+    blocks: every candidate fits at width 1 and comes as close to the budget as the
+    strategy's own bit choices allow: the closest raise of its per-layer bits, the
+    largest uniform or grid cell that fits, MixQuant's closest QEM allocation."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        space = SearchSpace(f"{factory}:build", "synthetic")
+    two, four = (space.c_size(space.candidate(b)) for b in (2, 4))
+    budget = Budget("size", int(two + 0.6 * (four - two)))
+    s, scored = _fixed_width_search(strategy, space, budget)
+    assert scored
+    for cand, _ in scored:
+        assert cand.width == 1.0 and not cand.channels
+        assert space.c_size(cand) <= budget.value
+    final = max(scored, key=lambda cs: cs[1])[0]
+    fill = space.c_size(final) / budget.value
+    levels = {"haq": getattr(s, "levels", None), "fracbits": list(range(1, 9))}.get(
+        strategy, list(space.bit_choices))
+    if strategy == "uniform":  # the largest uniform bit-width that fits, nothing else
+        assert [c.w_bits[1] for c, _ in scored] == [2] and s.dominated == [1]
+        assert s.over_budget == [4, 8]
+    elif strategy == "dualprecision":  # no group can take its next bit-width and fit
+        groups = list(space.groups.values())
+        for cand, _ in scored:
+            assert not _one_step_up_fits(space, cand, budget, levels, groups)
+        assert s.dominated
+    elif strategy == "mixquant":  # the QEM bisection: the closest of its allocations
+        assert space.c_size(final) == _closest_qem_allocation(s, space, budget)
+    else:  # per-layer bits: as close to the budget as raising the chosen bits can come
+        for cand, _ in scored:
+            assert space.c_size(cand) == _closest_by_raises(space, cand, budget, levels)
+        assert fill > 0.9, f"{strategy} fills {fill:.2%} of the budget"
 
 
 def test_lowering_to_fit_is_haqs_rule_last_layers_first():
