@@ -62,7 +62,7 @@ def load_supernet(search: Path):
     sn = Supernet(space, budget)
     model = sn.build()
     model.load_state_dict(torch.load(directory / WEIGHTS_FILE, weights_only=True))
-    return spec, sn, model.eval(), info
+    return spec, sn, model.eval(), {**info, "directory": str(directory)}
 
 
 def reference(fidelity: Path) -> tuple[dict, dict, dict]:

@@ -7,7 +7,9 @@ for several strategy seeds, ``--evaluations`` each, and reports per strategy the
 supernet validation accuracy found after 25%, 50% and 100% of the evaluations (mean and
 range over seeds), and the paired difference of each strategy's final best against
 random's at the same seed, with a 95% t interval over seeds. The same candidate is
-evaluated once (evaluations are deterministic) and shared by every strategy and seed.
+evaluated once (evaluations are deterministic) and shared by every strategy and seed,
+through the evaluations kept beside the supernet (``qsearch.evaluator.kept_evaluation``:
+those of earlier searches are looked up; only new ones are timed).
 
 These are supernet accuracies: they say how fast a strategy finds what the supernet ranks
 high, not which candidate is best stand-alone (see bench_supernet.py for how the two agree).
@@ -30,8 +32,8 @@ from bench_supernet import load_supernet
 from scipy import stats
 
 from qsearch.data import load_dataset
+from qsearch.evaluator import kept_evaluation
 from qsearch.strategy import Proposal, Result, create_strategy, get_strategy, run_local
-from qsearch.supernet import evaluate_candidate
 
 
 def best_so_far(history) -> list[float]:
@@ -47,18 +49,17 @@ def main() -> None:
     p.add_argument("--evaluations", type=int, default=100)
     args = p.parse_args()
     torch.set_num_threads(1)
-    spec, sn, model, _ = load_supernet(args.search)
+    spec, sn, model, info = load_supernet(args.search)
     splits = load_dataset(spec.dataset, seed=spec.seed, **spec.data)
-    seen: dict[str, float] = {}
     spent = []
 
     def evaluate(proposal: Proposal) -> Result:
-        key = proposal.candidate.to_json()
-        if key not in seen:
-            t = time.perf_counter()
-            seen[key], _ = evaluate_candidate(sn, model, proposal.candidate, splits)
+        t = time.perf_counter()
+        acc, _, looked_up = kept_evaluation(info["directory"], sn, model, proposal.candidate,
+                                            splits)
+        if not looked_up:
             spent.append(time.perf_counter() - t)
-        return Result("ok", seen[key], proposal.candidate)
+        return Result("ok", acc, proposal.candidate)
 
     curves: dict[str, dict[int, list[float]]] = {}
     for name in args.strategies.split(","):
@@ -68,7 +69,7 @@ def main() -> None:
             curve = best_so_far(run_local(strategy, evaluate, max_trials=args.evaluations))
             curves.setdefault(name, {})[seed] = curve
             print(f"{name} seed {seed}: best {curve[-1]:.2%} after {len(curve)} evaluations "
-                  f"({len(seen)} distinct candidates evaluated so far)", flush=True)
+                  f"({len(spent)} new evaluations so far)", flush=True)
     report(curves, args.evaluations, spent)
 
 
@@ -90,8 +91,9 @@ def report(curves, n: int, spent: list[float]) -> None:
                 half = stats.t.ppf(0.975, len(d) - 1) * np.std(d, ddof=1) / np.sqrt(len(d))
                 diff = f"{np.mean(d) * 100:+.2f} ± {half * 100:.2f} points (n={len(d)})"
         print(f"| {name} | {len(by_seed)} | {' | '.join(cells)} | {diff} |")
-    print(f"\n{len(spent)} distinct evaluations, {np.median(spent):.2f} s median each "
-          f"(one thread)")
+    if spent:
+        print(f"\n{len(spent)} new evaluations, {np.median(spent):.2f} s median each "
+              "(one thread); the others were looked up")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ trial (or several) of the runner like any other:
    saves its weights in the cache (``spec.supernet_cache``, keyed by everything the weights
    depend on). A later search of the same space finds them there and trains nothing.
 2. ``search``: the strategy's ``train`` trials become ``supernet-eval`` trials: cut the
-   candidate out, recalibrate BatchNorm, validate - seconds instead of minutes.
+   candidate out, recalibrate BatchNorm, validate - seconds instead of minutes. An
+   evaluation is deterministic, so it is kept beside the supernet (``evals/``): a candidate
+   proposed again, by this search or a later one, is looked up instead of recomputed.
 3. ``topk``: :class:`TopK` retrains the ``spec.top_k`` best distinct candidates by supernet
    accuracy stand-alone with the search's trial recipe; the final stage takes the best of
    those, so no supernet number reaches the leaderboard.
@@ -34,6 +36,7 @@ from qsearch.tasks import TaskContext, cost_metrics, register_task
 EVALUATORS = ("train", "supernet")
 WEIGHTS_FILE = "supernet.pt"
 INFO_FILE = "supernet.json"
+EVALS_DIR = "evals"
 
 
 def supernet_dir(spec: Spec, space: SearchSpace, budget: Budget) -> Path:
@@ -112,17 +115,49 @@ def _load(directory: str, ctx: TaskContext):
     return _LOADED["supernet"], _LOADED["model"]
 
 
-@register_task("supernet-eval")
-def supernet_eval(ctx: TaskContext) -> Result:
-    """Validation accuracy of the proposed candidate cut out of the trained supernet."""
+def _eval_file(directory: str, cand: Candidate, device: str) -> Path:
+    """Where the evaluation of ``cand`` on the supernet in ``directory`` is kept, keyed by
+    everything it depends on beyond the directory's own key: the candidate, the weights
+    file's time, the device and the evaluation settings."""
+    from qsearch.supernet import EVAL_IMAGES, RECAL_BATCHES
+
+    weights = Path(directory) / WEIGHTS_FILE
+    key = json.dumps([cand.to_json(), weights.stat().st_mtime_ns, device, RECAL_BATCHES,
+                      EVAL_IMAGES])
+    return Path(directory) / EVALS_DIR / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+
+
+def kept_evaluation(directory: str, supernet, model, cand: Candidate, splits, *,
+                    device: str = "cpu") -> tuple[float, float, bool]:
+    """(validation accuracy, loss, looked up) of ``cand`` cut out of the supernet in
+    ``directory``: the kept result when this evaluation was made before, else a new one,
+    then kept (written whole: concurrent trials never read half a file)."""
     from qsearch.supernet import evaluate_candidate
 
-    cand = ctx.proposal.candidate
+    kept = _eval_file(directory, cand, device)
+    if kept.exists():
+        acc, loss = json.loads(kept.read_text())
+        return acc, loss, True
+    acc, loss = evaluate_candidate(supernet, model, cand, splits, device=device)
+    kept.parent.mkdir(exist_ok=True)
+    tmp = kept.with_name(f".{kept.name}.{os.getpid()}")
+    tmp.write_text(json.dumps([acc, loss]))
+    os.replace(tmp, kept)
+    return acc, loss, False
+
+
+@register_task("supernet-eval")
+def supernet_eval(ctx: TaskContext) -> Result:
+    """Validation accuracy of the proposed candidate cut out of the trained supernet, or
+    the kept result of the same evaluation (``eval_cached``)."""
+    cand, directory = ctx.proposal.candidate, ctx.proposal.params["supernet"]
     start = time.perf_counter()
-    supernet, model = _load(ctx.proposal.params["supernet"], ctx)
-    acc, loss = evaluate_candidate(supernet, model, cand, ctx.splits(), device=ctx.device)
+    supernet, model = _load(directory, ctx)
+    acc, loss, cached = kept_evaluation(directory, supernet, model, cand, ctx.splits(),
+                                        device=ctx.device)
     return Result("ok", acc, cand, {**cost_metrics(ctx.space, cand, ctx.budget),
                                     "val_loss": loss, "evaluator": "supernet",
+                                    "eval_cached": cached,
                                     "eval_seconds": time.perf_counter() - start})
 
 

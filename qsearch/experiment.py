@@ -165,8 +165,11 @@ def run_top_k(search: Runner) -> Runner:
              for stage in ("supernet", "search", "topk")}
     trained = f"{sum(spent['supernet']) / 60:.1f} min" if spent["supernet"] else \
         "reused from the cache (0 min here)"
+    kept = sum(json.loads(r["metrics"] or "{}").get("eval_cached", False)
+               for r in runner.store.rows if r["stage"] == "search")
     runner.display.say(f"search cost (trial wall time): supernet {trained}, "
-                       f"{len(spent['search'])} evaluations {sum(spent['search']) / 60:.1f} min, "
+                       f"{len(spent['search'])} evaluations ({kept} of them repeats looked up) "
+                       f"{sum(spent['search']) / 60:.1f} min, "
                        f"{len(spent['topk'])} retrains {sum(spent['topk']) / 60:.1f} min")
     return runner
 

@@ -61,6 +61,9 @@ def build_report(dirs: Iterable[str | Path], out_path: str | Path) -> Path:
         for figure in (_pareto(group, colors), _heatmap(group), _progress(rows, colors)):
             if figure is not None:
                 parts.append(_img(*figure))
+    rewards = _rewards(df)
+    if rewards is not None:
+        parts += ["<h2>HAQ's reward curves</h2>", _img(*rewards)]
     grids = _grid_sections(df)
     if grids:
         parts += ["<h2>DualPrecision grids</h2>", *grids]
@@ -228,6 +231,30 @@ def _progress(rows: pd.DataFrame, colors: dict) -> tuple[Any, str] | None:
     fig.legend(*by_trials.get_legend_handles_labels(), fontsize=8, loc="outside right upper")
     return fig, ("Search progress: best-so-far validation accuracy vs completed trials and vs "
                  "CPU-hours (trial wall time x CPUs per trial); line style marks the budget.")
+
+
+def _rewards(df: pd.DataFrame) -> tuple[Any, str] | None:
+    """Mean reward per block of episodes of each search whose summary.json has one (HAQ's
+    ``mean_reward_per_block``), one line per experiment."""
+    from matplotlib.figure import Figure
+
+    curves = []
+    for d in sorted(df["experiment_dir"].unique()):
+        summary = _read_json(Path(d) / SUMMARY_FILE)
+        if isinstance(summary, dict) and summary.get("mean_reward_per_block"):
+            curves.append((d, summary["block"], summary["mean_reward_per_block"]))
+    if not curves:
+        return None
+    fig = Figure(figsize=(8, 3.5), layout="constrained")
+    ax = fig.add_subplot()
+    for d, block, means in curves:
+        ax.plot(block * (np.arange(len(means)) + 1), means, label=Path(d).name)
+    ax.set_xlabel("episodes")
+    ax.set_ylabel(f"mean reward per {curves[0][1]} episodes")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig, ("HAQ's learning: the mean reward (0.1 x (accuracy - the first episode's), "
+                 "accuracy in %) of each block of episodes, warm-up included.")
 
 
 # ----- DualPrecision grids -------------------------------------------------------------

@@ -78,3 +78,18 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
         check=True, capture_output=True, timeout=60)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert shot.stat().st_size > 50_000  # a blank page compresses to a few KB
+
+
+def test_haq_reward_curve_is_drawn_from_its_summary(tmp_path):
+    import json
+
+    from qsearch.report import _rewards
+
+    d = make_experiment(tmp_path, "haq", "32KB", None)
+    means = [-0.02, 0.05, 0.11, 0.2]
+    (d / "summary.json").write_text(json.dumps({"block": 10, "mean_reward_per_block": means}))
+    fig, caption = _rewards(load_experiments([d]))
+    (line,) = fig.axes[0].get_lines()
+    assert list(line.get_xdata()) == [10, 20, 30, 40] and list(line.get_ydata()) == means
+    assert "<h2>HAQ's reward curves</h2>" in build_report([d], tmp_path / "r.html").read_text()
+    assert _rewards(load_experiments([make_experiment(tmp_path, "tpe", "32KB", None)])) is None

@@ -149,8 +149,15 @@ def test_search_with_the_supernet_evaluator_end_to_end(tmp_path):
     second = qsearch(*run, "--out", str(tmp_path / "b"))
     assert second.returncode == 0, second.stderr
     assert "supernet: reusing" in second.stdout and "reused from the cache" in second.stdout
-    df = pd.read_parquet(tmp_path / "b" / "results.parquet")
-    assert "supernet" not in set(df.stage)
+    again = pd.read_parquet(tmp_path / "b" / "results.parquet")
+    assert "supernet" not in set(again.stage)
+    # the same seed proposes the same candidates: their evaluations are looked up, equal
+    assert not any(json.loads(m)["eval_cached"] for m in search.metrics)
+    looked_up = again[again.stage == "search"]
+    assert all(json.loads(m)["eval_cached"] for m in looked_up.metrics)
+    assert looked_up.set_index("candidate").val_acc.to_dict() == \
+        search.set_index("candidate").val_acc.to_dict()
+    assert "evaluations (5 of them repeats looked up)" in second.stdout
 
 
 @pytest.mark.parametrize("argv, trials, kwargs", [
