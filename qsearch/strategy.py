@@ -171,9 +171,9 @@ class Strategy(ABC):
         return self.space.fit(self.space.candidate(bits, a_bits=a_bits), self.budget)
 
     def fill(self, bits, levels: Sequence[int] | None = None) -> Candidate:
-        """:meth:`align`, and on a fixed-width model also raised to fill what its bits
-        allow of the budget (:meth:`SearchSpace.raise_to_fill`): no free layer of the
-        result can go one ``levels`` step up (default: the space's bit choices) and fit."""
+        """:meth:`align`, and on a fixed-width model also raised to the closest cost below
+        the budget that raising its bits to larger ``levels`` (default: the space's bit
+        choices) can reach (:meth:`SearchSpace.raise_to_fill`)."""
         cand = self.align(bits)
         if self.space.family.fixed_width:
             cand = self.space.raise_to_fill(cand, self.budget, levels)
