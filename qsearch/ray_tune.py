@@ -24,8 +24,10 @@ import contextlib
 import logging
 import math
 import os
+import signal
 import sys
 import tempfile
+import threading
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -218,14 +220,35 @@ def fit(runner: Runner, num_samples: int, run_name: str) -> None:
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             callbacks=[_callback(runner, *boards)]),
     )
+    with _interrupt_passed_on():
+        try:
+            with _ray_output_to(runner.out / RAY_LOG_FILE) as console:
+                runner.display.use_stream(console)
+                tuner.fit()
+        finally:
+            runner.display.use_stream(sys.stdout)
+            for board in boards:
+                ray.kill(board)
+
+
+@contextlib.contextmanager
+def _interrupt_passed_on():
+    """Raise KeyboardInterrupt after a run that Ctrl-C ended, so the caller stops too (a
+    recipe does not go on to its next experiment). Tune catches the first SIGINT itself,
+    ends the run gracefully and returns normally, putting back the handler it found; so
+    that handler in place after the run means the run was interrupted. The handler is
+    restored either way."""
+    watch = threading.current_thread() is threading.main_thread() and \
+        os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") == "0"
+    before = signal.getsignal(signal.SIGINT) if watch else None
     try:
-        with _ray_output_to(runner.out / RAY_LOG_FILE) as console:
-            runner.display.use_stream(console)
-            tuner.fit()
+        yield
     finally:
-        runner.display.use_stream(sys.stdout)
-        for board in boards:
-            ray.kill(board)
+        interrupted = watch and signal.getsignal(signal.SIGINT) is before
+        if watch:
+            signal.signal(signal.SIGINT, before)
+    if interrupted:
+        raise KeyboardInterrupt
 
 
 def _trials_that_fit(spec: Spec, cluster: dict) -> int:

@@ -139,6 +139,27 @@ def test_resume_after_driver_killed(tmp_path):
     assert bits == [1, 2, 3, 4, 5, 6, 7, 8]  # no cell re-run: the grid position was restored
 
 
+def test_ctrl_c_stops_a_recipe_rather_than_its_experiment(tmp_path):
+    """Tune ends its run gracefully on the first SIGINT; the recipe must not then go on to
+    its next experiment: the command exits 130 and the rerun continues where it stopped."""
+    recipe = tmp_path / "r.yaml"
+    root = tmp_path / "recipe"
+    recipe.write_text(f"strategy: uniform\nmodel: resnet20\ndataset: synthetic\n"
+                      f"train: {{steps: 2000, batch_size: 32}}\nout: {root}\n"
+                      "matrix: {budget: [6KB, 7KB]}\n")
+    proc = subprocess.Popen([*QS, "run", str(recipe), "--trials", "1"], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 180
+    while not list(root.glob("6KB/tune/*/trial_fn_*")) and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, err
+    assert "qsearch: interrupted" in err and "experiment 2/2" not in out
+    assert not (root / "7KB").exists()
+
+
 @pytest.mark.slow
 def test_time_budget_stops_cleanly_and_resume_continues(tmp_path):
     """Tune's time budget cuts two long trials (~60 s each on an idle machine) at 40 s."""
