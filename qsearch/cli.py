@@ -40,7 +40,7 @@ def cmd_space_show(args) -> None:
 
 # ----- run / resume / results / strategies ---------------------------------------------
 def cmd_run(args) -> None:
-    from qsearch.experiment import dry_run, resume_experiment, run_experiment
+    from qsearch.experiment import RESUME_OVERRIDES, dry_run, resume_experiment, run_experiment
     from qsearch.files import SPEC_FILE
 
     specs = specs_from_args(args)
@@ -53,7 +53,9 @@ def cmd_run(args) -> None:
         if args.dry_run:
             dry_run(spec)
         elif len(specs) > 1 and (Path(spec.out) / SPEC_FILE).exists():
-            runner = resume_experiment(Path(spec.out))  # a recipe re-run continues
+            # a recipe re-run continues, with this command's run settings
+            runner = resume_experiment(Path(spec.out), overrides={
+                k: getattr(spec, k) for k in RESUME_OVERRIDES})
         else:
             runner = run_experiment(spec)
         if not args.dry_run and runner.best() is None and not runner.unfinished():

@@ -62,13 +62,21 @@ def resume_experiment(out: Path, *, overrides: dict | None = None, inline: bool 
     if changed:
         raise QSearchError(f"a resumed experiment cannot change {changed}: only "
                            f"{', '.join(RESUME_OVERRIDES)} (start a new experiment instead)")
-    spec = spec.replace(**(overrides or {}))  # Spec.hash excludes these: results unchanged
+    stored, spec = spec, spec.replace(**(overrides or {}))  # Spec.hash excludes these
     with _lock(out):
         state = StateFile(out).load()
         validate_run_settings(spec)
         runner = Runner(spec, out, state=state, inline=inline, display=display)
+        now = [f"{k} {_setting(getattr(stored, k))} -> {_setting(getattr(spec, k))}"
+               for k in RESUME_OVERRIDES if getattr(stored, k) != getattr(spec, k)]
+        if now:
+            runner.display.say(f"resume: now with {', '.join(now)}")
         connect(runner)
         return _drive(runner, resumed=True)
+
+
+def _setting(value) -> str:
+    return "auto" if value is None else str(value)
 
 
 def _drive(runner: Runner, *, resumed: bool) -> Runner:

@@ -145,7 +145,7 @@ def test_ctrl_c_stops_a_recipe_rather_than_its_experiment(tmp_path):
     recipe = tmp_path / "r.yaml"
     root = tmp_path / "recipe"
     recipe.write_text(f"strategy: uniform\nmodel: resnet20\ndataset: synthetic\n"
-                      f"train: {{steps: 2000, batch_size: 32}}\nout: {root}\n"
+                      f"train: {{steps: 800, batch_size: 32}}\nout: {root}\n"
                       "matrix: {budget: [6KB, 7KB]}\n")
     proc = subprocess.Popen([*QS, "run", str(recipe), "--trials", "1"], text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -158,6 +158,11 @@ def test_ctrl_c_stops_a_recipe_rather_than_its_experiment(tmp_path):
     assert proc.returncode == 130, err
     assert "qsearch: interrupted" in err and "experiment 2/2" not in out
     assert not (root / "7KB").exists()
+    # the same command again continues, under its own run settings
+    again = qsearch("run", str(recipe), "--trials", "1", "--concurrency", "1")
+    assert again.returncode == 0, again.stderr
+    assert "resume: now with concurrency auto -> 1" in again.stdout
+    assert len(rows(root / "6KB")) == len(rows(root / "7KB")) == 1
 
 
 @pytest.mark.slow
