@@ -76,7 +76,7 @@ def resume_experiment(out: Path, *, overrides: dict | None = None, inline: bool 
 
 
 def _setting(value) -> str:
-    return "auto" if value is None else str(value)
+    return "default" if value is None else str(value)
 
 
 def _drive(runner: Runner, *, resumed: bool) -> Runner:

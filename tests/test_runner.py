@@ -161,7 +161,7 @@ def test_ctrl_c_stops_a_recipe_rather_than_its_experiment(tmp_path):
     # the same command again continues, under its own run settings
     again = qsearch("run", str(recipe), "--trials", "1", "--concurrency", "1")
     assert again.returncode == 0, again.stderr
-    assert "resume: now with concurrency auto -> 1" in again.stdout
+    assert "resume: now with concurrency default -> 1" in again.stdout
     assert len(rows(root / "6KB")) == len(rows(root / "7KB")) == 1
 
 
