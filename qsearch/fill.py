@@ -25,6 +25,8 @@ def raise_to_fill(units: Sequence[int], start: Sequence[int], levels: Sequence[i
     """Bits per layer, each ``start[j]`` or a larger one of ``levels``, adding the most
     cost that is at most ``room``; ``units[j]`` is layer j's cost per bit (integers).
     No layer of the result can take a larger level and still fit."""
+    if room <= 0:  # nothing left to fill (or already over: nothing to raise)
+        return list(start)
     options = [[b for b in sorted({s, *levels}) if b >= s] for s in start]
     incs = [[u * (b - s) for b in opts] for u, s, opts in zip(units, start, options)]
     g = math.gcd(*(i for row in incs for i in row if i > 0)) or 1
