@@ -34,6 +34,7 @@ from scipy import stats
 from qsearch.data import load_dataset
 from qsearch.evaluator import kept_evaluation
 from qsearch.strategy import Proposal, Result, create_strategy, get_strategy, run_local
+from qsearch.supernet import evaluate_candidate
 
 
 def best_so_far(history) -> list[float]:
@@ -55,8 +56,9 @@ def main() -> None:
 
     def evaluate(proposal: Proposal) -> Result:
         t = time.perf_counter()
-        acc, _, looked_up = kept_evaluation(info["directory"], sn, model, proposal.candidate,
-                                            splits)
+        cand = proposal.candidate
+        acc, _, looked_up = kept_evaluation(
+            info["directory"], cand, lambda: evaluate_candidate(sn, model, cand, splits))
         if not looked_up:
             spent.append(time.perf_counter() - t)
         return Result("ok", acc, proposal.candidate)

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from qsearch import QSearchError
@@ -127,18 +128,17 @@ def _eval_file(directory: str, cand: Candidate, device: str) -> Path:
     return Path(directory) / EVALS_DIR / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
 
 
-def kept_evaluation(directory: str, supernet, model, cand: Candidate, splits, *,
-                    device: str = "cpu") -> tuple[float, float, bool]:
-    """(validation accuracy, loss, looked up) of ``cand`` cut out of the supernet in
-    ``directory``: the kept result when this evaluation was made before, else a new one,
-    then kept (written whole: concurrent trials never read half a file)."""
-    from qsearch.supernet import evaluate_candidate
-
+def kept_evaluation(directory: str, cand: Candidate, evaluate: Callable[[], tuple],
+                    *, device: str = "cpu") -> tuple[float, float, bool]:
+    """(validation accuracy, loss, looked up) of ``cand`` on the supernet in ``directory``:
+    the kept result when this evaluation was made before, else ``evaluate()`` (which loads
+    what it needs only then), kept (written whole: concurrent trials never read half a
+    file)."""
     kept = _eval_file(directory, cand, device)
     if kept.exists():
         acc, loss = json.loads(kept.read_text())
         return acc, loss, True
-    acc, loss = evaluate_candidate(supernet, model, cand, splits, device=device)
+    acc, loss = evaluate()
     kept.parent.mkdir(exist_ok=True)
     tmp = kept.with_name(f".{kept.name}.{os.getpid()}")
     tmp.write_text(json.dumps([acc, loss]))
@@ -149,12 +149,17 @@ def kept_evaluation(directory: str, supernet, model, cand: Candidate, splits, *,
 @register_task("supernet-eval")
 def supernet_eval(ctx: TaskContext) -> Result:
     """Validation accuracy of the proposed candidate cut out of the trained supernet, or
-    the kept result of the same evaluation (``eval_cached``)."""
+    the kept result of the same evaluation (``eval_cached``: nothing loaded)."""
+    from qsearch.supernet import evaluate_candidate
+
     cand, directory = ctx.proposal.candidate, ctx.proposal.params["supernet"]
     start = time.perf_counter()
-    supernet, model = _load(directory, ctx)
-    acc, loss, cached = kept_evaluation(directory, supernet, model, cand, ctx.splits(),
-                                        device=ctx.device)
+
+    def evaluate() -> tuple[float, float]:
+        supernet, model = _load(directory, ctx)
+        return evaluate_candidate(supernet, model, cand, ctx.splits(), device=ctx.device)
+
+    acc, loss, cached = kept_evaluation(directory, cand, evaluate, device=ctx.device)
     return Result("ok", acc, cand, {**cost_metrics(ctx.space, cand, ctx.budget),
                                     "val_loss": loss, "evaluator": "supernet",
                                     "eval_cached": cached,
