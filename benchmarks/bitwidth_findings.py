@@ -5,8 +5,9 @@ width-aligned to one budget, under one seed (``experiments/one-bitwidth-fig1.yam
 prints per budget: each bit-width's validation accuracy, mean with a 95% Student t interval
 over seeds, and the differences between bit-widths paired by seed (the cells of one
 experiment share its seed), each with its 95% t interval. A difference is called only when
-its interval excludes zero. ``--plot`` draws accuracy against C_size per bit-width, as the
-paper's Fig. 1 does, with the intervals as error bars.
+its interval excludes zero. Across budgets, it checks the DualPrecision proxy rule (choose
+at a small budget, scale the winner up) seed by seed. ``--plot`` draws accuracy against
+C_size per bit-width, as the paper's Fig. 1 does, with the intervals as error bars.
 
     python benchmarks/bitwidth_findings.py runs/one-bitwidth-fig1 --plot fig1.png
 """
@@ -43,12 +44,16 @@ def interval(values: np.ndarray) -> tuple[float, float]:
 
 
 def budget_table(df: pd.DataFrame) -> list[str]:
-    lines = ["| bits | width | C_size / budget | val acc, mean ± 95% CI (n) | train min |",
-             "|---:|---:|---:|---:|---:|"]
+    seeds = sorted(df.seed.unique())
+    lines = ["| bits | width | C_size / budget | val acc, mean ± 95% CI (n) | per seed "
+             f"({', '.join(map(str, seeds))}) | train min |", "|---:|---:|---:|---:|---|---:|"]
     for bits, g in df.groupby("bits"):
         mean, half = interval(100 * g.val_acc.to_numpy())
+        per_seed = g.set_index("seed").val_acc.reindex(seeds) * 100
         lines.append(f"| {bits} | {g.width.mean():.3f} | {g.budget_ratio.mean():.2%} | "
-                     f"{mean:.2f} ± {half:.2f} ({len(g)}) | {g.train_seconds.mean() / 60:.1f} |")
+                     f"{mean:.2f} ± {half:.2f} ({len(g)}) | "
+                     f"{', '.join(f'{v:.2f}' for v in per_seed)} | "
+                     f"{g.train_seconds.mean() / 60:.1f} |")
     return lines
 
 
@@ -69,6 +74,38 @@ def paired_differences(df: pd.DataFrame) -> list[str]:
         else:
             verdict = "undecided (interval includes 0)"
         lines.append(f"| {lo} - {hi} | {mean:+.2f} ± {half:.2f} ({len(d)}) | {verdict} |")
+    return lines
+
+
+def proxy_budgets(df: pd.DataFrame) -> list[str]:
+    """The DualPrecision proxy rule (pick the bit-width at a small budget, scale the winner up)
+    checked on every pair of budgets, seed by seed: the small budget's winner, whether it is
+    also the large budget's winner, the accuracy it gives up at the large budget against that
+    budget's winner (the proxy's regret, mean ± 95% t interval over seeds) and Kendall's tau
+    between the two budgets' orderings of the bit-widths (mean over seeds)."""
+    acc = df.pivot_table(index=["budget_value", "seed"], columns="bits", values="val_acc") * 100
+    names = dict(zip(df.budget_value, df.budget))
+    lines = ["| small -> large | seeds | small's winner per seed | holds at large | "
+             "regret at large, mean ± 95% CI | Kendall's tau, mean (per seed) |",
+             "|---|---:|---|---:|---:|---|"]
+    for small, large in itertools.combinations(sorted(df.budget_value.unique()), 2):
+        seeds = sorted(set(acc.loc[small].index) & set(acc.loc[large].index))
+        if not seeds:
+            continue
+        winners, regret, taus = [], [], []
+        for seed in seeds:
+            a, b = acc.loc[(small, seed)].dropna(), acc.loc[(large, seed)].dropna()
+            shared = a.index.intersection(b.index)
+            pick = a[shared].idxmax()
+            winners.append(pick)
+            regret.append(b[shared].max() - b[pick])
+            taus.append(stats.kendalltau(a[shared], b[shared]).statistic)
+        mean, half = interval(np.array(regret))
+        held = sum(b == acc.loc[(large, s)].idxmax() for b, s in zip(winners, seeds))
+        lines.append(f"| {names[small]} -> {names[large]} | {len(seeds)} | "
+                     f"{', '.join(f'{w}-bit' for w in winners)} | {held}/{len(seeds)} | "
+                     f"{mean:.2f} ± {half:.2f} | {np.mean(taus):.2f} "
+                     f"({', '.join(f'{t:.2f}' for t in taus)}) |")
     return lines
 
 
@@ -109,6 +146,9 @@ def main() -> None:
         print("\n".join(budget_table(g)))
         print()
         print("\n".join(paired_differences(g)))
+    if df.budget_value.nunique() > 1:
+        print("\n### Proxy budgets: does the small budget's winner hold at the larger?\n")
+        print("\n".join(proxy_budgets(df)))
     if args.plot:
         plot(df, args.plot)
         print(f"\nplot: {args.plot}")

@@ -210,5 +210,6 @@ def plan_lines(spec: Spec, space: SearchSpace, budgets: Budgets,
             f"{space.cost(c, b.search.kind) / b.search.value:.2%} of {b.search}")
     if spec.final_seeds:
         lines.append(f"  final: best candidate re-aligned to {b.target}, retrained with "
-                     f"{spec.final_seeds} seeds ({json.dumps(spec.final_train)}), test accuracy")
+                     f"{spec.final_seeds} seed{'s' * (spec.final_seeds > 1)} "
+                     f"({json.dumps(spec.final_train)}), test accuracy")
     return lines

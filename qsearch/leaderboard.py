@@ -120,7 +120,7 @@ def leaderboard(df: pd.DataFrame, *,
         if e["matched"] and e["n_seeds"] >= 2:
             ranked[(e["model"], e["dataset"], e["budget_kind"], e["budget_value"])].append(e)
         elif e["matched"] and e["n_seeds"]:
-            e["note"] = "n<2: not ranked"
+            e["note"] = ", ".join(filter(None, ["n<2: not ranked", e["note"]]))
     for group in ranked.values():
         _rank(group)
         _vs_uniform(group)

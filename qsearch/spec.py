@@ -306,7 +306,8 @@ def expand_matrix(base: dict[str, Any], strategies: list[str]) -> list[dict[str,
     """A recipe's ``matrix`` becomes one spec dict per combination, each with its own
     ``out`` below the recipe's ``out``. The matrix maps spec keys to lists of values (their
     product is taken; ``strategy: all`` means every search strategy), or is a list of
-    mappings, one per experiment. Two experiments may not share a directory."""
+    mappings, one per experiment; an experiment's directory joins its values, or is its
+    ``name`` where a mapping gives one. Two experiments may not share a directory."""
     base = dict(base)
     matrix = base.pop("matrix", None)
     if matrix is None:
@@ -314,12 +315,25 @@ def expand_matrix(base: dict[str, Any], strategies: list[str]) -> list[dict[str,
     root = base.get("out") or "runs/recipe"
     specs: dict[str, dict[str, Any]] = {}
     for combo in _combinations(matrix, strategies):
-        out = str(Path(str(root)) / "-".join(str(v) for _, v in combo))
+        out = str(Path(str(root)) / _directory_name(combo))
         if out in specs:
             raise QSearchError(f"matrix gives two experiments the directory {out!r} "
-                               f"({dict(combo)!r} twice): list each value once")
+                               f"({dict(combo)!r} twice): list each value once, or name each "
+                               "experiment (name: ...)")
         specs[out] = {**base, **dict(combo), "out": out}
     return list(specs.values())
+
+
+def _directory_name(combo: tuple[tuple[Any, Any], ...]) -> str:
+    """An experiment's directory below the recipe's ``out``: its ``name``, else its values."""
+    name = dict(combo).get("name")
+    if name is None:
+        return "-".join(str(v) for _, v in combo)
+    if not isinstance(name, str) or not name.strip() or name in (".", "..") or \
+            any(c in name for c in "/\\"):
+        raise QSearchError(f"matrix name {name!r} must be a directory name (no '/', not "
+                           "'.' or '..'), e.g. name: uniform-1b-16KB")
+    return name
 
 
 def _combinations(matrix: Any, strategies: list[str]) -> list[tuple[tuple[Any, Any], ...]]:

@@ -178,6 +178,8 @@ YAML_CASES = [  # (recipe text or bytes, expected message part)
     ("budget: 6KB\nmatrix: {budget: 6KB}\n", "matrix key 'budget' must be a non-empty list"),
     ("budget: 6KB\nmatrix: {budget: [6KB, 6KB]}\n", "matrix gives two experiments the dir"),
     ("matrix: [{budget: 6KB}, {budget: 6KB}]\n", "matrix gives two experiments the dir"),
+    ("matrix: [{name: a, budget: 6KB}, {name: a, budget: 7KB}]\n", "or name each"),
+    ("matrix: [{name: ../up, budget: 6KB}]\n", "matrix name '../up' must be a directory"),
     (f"matrix: {{seed: {list(range(40))}, trials: {list(range(1, 41))}}}\n",
      "matrix expands to more than 1000 experiments"),
     ("budget: 6KB\ndata: {rooot: /x}\n", "unknown data settings ['rooot']"),

@@ -374,10 +374,10 @@ def test_the_same_candidate_found_by_two_strategies_shows_same_results(tmp_path)
     assert "same results" in " ".join(rows_of(text)["uniform"]) and "p=n/a" not in text
 
 
-def supernet_experiment(root: Path, trained_here: bool) -> Path:
+def supernet_experiment(root: Path, trained_here: bool, accs=(0.80, 0.81)) -> Path:
     """A random search on the supernet evaluator: 4 evaluations, one top-k retrain, a final;
     with the supernet's training row when this experiment trained it."""
-    d = make_experiment(root, "random", "32KB", None, accs=[0.80, 0.81], trials=4)
+    d = make_experiment(root, "random", "32KB", None, accs=list(accs), trials=4)
     b = parse_budget("32KB")
     common = {"experiment_id": d.name, "strategy": "random", "model": "resnet20",
               "dataset": "fashion-mnist", "budget": "32KB", "budget_kind": b.kind,
@@ -403,3 +403,6 @@ def test_a_supernet_search_costs_its_supernet_and_retrains_and_chooses_a_retrain
     d = supernet_experiment(tmp_path / "cached", trained_here=False)
     e = find(leaderboard(load_experiments([d])), "random", "32KB")
     assert "supernet reused: its training not counted" in e["note"]
+    d = supernet_experiment(tmp_path / "one-seed", trained_here=False, accs=[0.80])
+    e = find(leaderboard(load_experiments([d])), "random", "32KB")
+    assert e["note"] == "n<2: not ranked, supernet reused: its training not counted"

@@ -51,3 +51,18 @@ def test_strategy_all_with_the_supernet_evaluator_means_the_strategies_it_serves
     assert {s for s in served if f"plan: {s} on" in out} == served
     assert "plan: fracbits" not in out and "plan: mixquant" not in out
     assert out.count("== experiment ") == len(served)
+
+
+def test_a_named_experiment_of_a_recipe_gets_its_name_as_directory(tmp_path, capsys,
+                                                                   monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("dataset: synthetic\nout: runs/r\nmatrix:\n"
+                      "  - {name: one-bit, strategy: uniform, budget: 6KB, bit_choices: [1]}\n"
+                      "  - {strategy: uniform, budget: 7KB}\n")
+    assert main(["run", str(recipe), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "== experiment 1/2: runs/r/one-bit\n" in out
+    assert "== experiment 2/2: runs/r/uniform-7KB\n" in out
+    first = out.split("== experiment 2/2")[0]
+    assert "bits other 1," in first and "bits other 2," not in first

@@ -1,0 +1,91 @@
+"""Weight sharing against short trials, end to end at equal CPU-hours.
+
+Reads the experiments of ``experiments/supernet-vs-trials.yaml``: each strategy searched two
+ways under the same seeds (``--evaluator supernet`` and stand-alone short trials), each
+winner retrained and tested. Prints, per strategy and way, the final test accuracy (mean
+with a 95% Student t interval over seeds) and the search's CPU-hours, then the difference
+supernet minus trials paired by seed (the two ways of one seed share the retrain seed), with
+its 95% t interval. A supernet's training counts in full for every search that uses it,
+also where the search found it in the cache (its training time is in the cache record).
+
+    python benchmarks/supernet_vs_trials.py runs/supernet-vs-trials
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from qsearch.budget import parse_budget
+from qsearch.evaluator import cached_info, supernet_dir
+from qsearch.files import SPEC_FILE
+from qsearch.leaderboard import leaderboard, load_experiments
+from qsearch.spec import read_spec, space_from_spec
+
+
+def searches(root: Path) -> pd.DataFrame:
+    """One row per finished experiment: strategy, way, seed, test accuracy, CPU-hours."""
+    dirs = sorted(d for d in root.iterdir() if (d / SPEC_FILE).is_file())
+    if not dirs:
+        raise SystemExit(f"no experiments below {root}: run the recipe first")
+    df, rows = load_experiments(dirs), []
+    trained_here = set(df.loc[df.stage == "supernet", "experiment_dir"])
+    for e in leaderboard(df):
+        if e["test_acc_mean"] is None:
+            continue
+        spec = read_spec(Path(e["dir"]) / SPEC_FILE)
+        cpu_h = e["cpu_hours"]
+        if spec.evaluator == "supernet" and e["dir"] not in trained_here:
+            where = supernet_dir(spec, space_from_spec(spec), parse_budget(spec.budget))
+            cpu_h += (cached_info(where) or {}).get("train_seconds", np.nan) / 3600
+        rows.append({"strategy": spec.strategy, "way": spec.evaluator, "seed": spec.seed,
+                     "test_acc": 100 * e["test_acc_mean"], "cpu_h": cpu_h,
+                     "evaluations": e["trials"]})
+    return pd.DataFrame(rows)
+
+
+def interval(values: np.ndarray, sign: str = "") -> str:
+    """Mean ± half-width of the 95% Student t interval, and n (``sign="+"``: signed mean)."""
+    n, mean = len(values), float(np.mean(values))
+    if n < 2:
+        return f"{mean:{sign}.2f} (1)"
+    return f"{mean:{sign}.2f} ± {stats.t.ppf(0.975, n - 1) * stats.sem(values):.2f} ({n})"
+
+
+def tables(df: pd.DataFrame) -> list[str]:
+    lines = ["| strategy | evaluator | seeds | evaluations | search CPU-h | final test acc, mean "
+             "± 95% CI (n) |", "|---|---|---:|---:|---:|---:|"]
+    for (strategy, way), g in df.groupby(["strategy", "way"]):
+        lines.append(f"| {strategy} | {way} | {', '.join(map(str, sorted(g.seed)))} | "
+                     f"{g.evaluations.mean():.0f} | {g.cpu_h.mean():.2f} | "
+                     f"{interval(g.test_acc.to_numpy())} |")
+    lines += ["", "| strategy | supernet - trials, paired by seed | CPU-h ratio | verdict |",
+              "|---|---:|---:|---|"]
+    for strategy, g in df.groupby("strategy"):
+        acc = g.pivot_table(index="seed", columns="way", values="test_acc")
+        cpu = g.groupby("way").cpu_h.mean()
+        if not {"supernet", "train"} <= set(acc.columns):
+            continue
+        d = (acc["supernet"] - acc["train"]).dropna().to_numpy()
+        verdict = "one seed: not called"
+        if len(d) > 1:
+            half = stats.t.ppf(0.975, len(d) - 1) * stats.sem(d)
+            verdict = ("supernet better" if d.mean() - half > 0 else "trials better"
+                       if d.mean() + half < 0 else "undecided (interval includes 0)")
+        lines.append(f"| {strategy} | {interval(d, '+')} | "
+                     f"{cpu['supernet'] / cpu['train']:.2f} | {verdict} |")
+    return lines
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("root", type=Path, help="the recipe's out directory")
+    print("\n".join(tables(searches(p.parse_args().root))))
+
+
+if __name__ == "__main__":
+    main()
