@@ -249,6 +249,8 @@ class Runner:
 
     def _row(self, entry: dict, result: Result, report: dict, wall: float) -> dict:
         cand, m = result.candidate, result.metrics
+        if report.get("cpu_seconds") is not None:  # the trial process's CPU time, last report
+            m = {**m, "cpu_seconds": report["cpu_seconds"]}
         search = self.budgets.search
         return {
             "experiment_id": self.experiment_id, "trial_id": entry["origin"],

@@ -42,7 +42,8 @@ def run_trial(config: dict[str, Any], *, report: ReportFn, restored: dict | None
     from qsearch.tasks import TaskContext, get_task
     from qsearch.train import Execution, set_threads
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
+    report = _with_cpu_seconds(report, cpu_start) if shard is None else report
     spec = Spec.from_dict(config["spec"])
     cpus, gpus = spec.worker_resources() if shard is not None else (
         spec.cpus_per_trial, spec.gpus_per_trial)
@@ -66,7 +67,20 @@ def run_trial(config: dict[str, Any], *, report: ReportFn, restored: dict | None
                       pin_memory=spec.pin_memory, checkpoint=spec.checkpoint)
     result = get_task(proposal.task)(ctx)
     final = final_report(result, node=node, seconds=time.perf_counter() - start)
+    if shard is None:
+        final["cpu_seconds"] = time.process_time() - cpu_start
     return {**final, "fidelity": final_fidelity(result.fidelity, min_steps, on_ladder)}
+
+
+def _with_cpu_seconds(report: ReportFn, cpu_start: float) -> ReportFn:
+    """``report`` adding ``cpu_seconds``: the CPU time this trial's process has used since
+    ``cpu_start`` (its threads; not data-loader worker processes). Unlike wall time it does
+    not grow when other jobs share the cores, so benchmarks compare searches by it."""
+
+    def send(metrics: dict, state_fn=None) -> bool:
+        return report({**metrics, "cpu_seconds": time.process_time() - cpu_start}, state_fn)
+
+    return send
 
 
 def save_state(state: dict, directory: str) -> None:

@@ -101,6 +101,8 @@ def test_inline_run_stores_rows_writes_final_and_resumes_with_nothing_left(tmp_p
     rows = runner.rows()
     assert len(rows) == 2 and {r["status"] for r in rows} == {"ok"}
     assert sorted(json.loads(r["candidate"])["w_bits"][1] for r in rows) == [2, 8]
+    for r in rows:  # the trial's own CPU time (one thread): not the process's since it began
+        assert 0 < json.loads(r["metrics"])["cpu_seconds"] <= 2 * r["wall_seconds"] + 1
     final = json.loads((runner.out / "final.json").read_text())
     assert final["budget_ratio"] <= 1.0 and "best:" in out.getvalue()
     again = resume_experiment(runner.out, inline=True, display=Display(stream=io.StringIO()))
@@ -130,6 +132,7 @@ def test_inline_stop_request_ends_the_trial_at_that_evaluation(tmp_path):
     execute(runner, 1, "stop")
     (row,) = ResultsStore(tmp_path / "exp").rows
     assert row["status"] == "stopped" and json.loads(row["metrics"])["steps"] == 4
+    assert json.loads(row["metrics"])["cpu_seconds"] > 0  # from the last intermediate report
     assert runner.strategy.asked == [(row["trial_id"], 4)]
 
 
