@@ -1,15 +1,19 @@
-"""Uniform bit-widths at matched size, with intervals: the One-Bitwidth paper's Fig. 1 test.
+"""Bit-widths at matched size, with intervals: the papers' uniform and depthwise findings.
 
-Reads the stores of a recipe whose experiments each train uniform 1/2/4/8-bit candidates,
-width-aligned to one budget, under one seed (``experiments/one-bitwidth-fig1.yaml``), and
-prints per budget: each bit-width's validation accuracy, mean with a 95% Student t interval
-over seeds, and the differences between bit-widths paired by seed (the cells of one
-experiment share its seed), each with its 95% t interval. A difference is called only when
-its interval excludes zero. Across budgets, it checks the DualPrecision proxy rule (choose
-at a small budget, scale the winner up) seed by seed. ``--plot`` draws accuracy against
-C_size per bit-width, as the paper's Fig. 1 does, with the intervals as error bars.
+Reads the stores of a recipe whose experiments each train a grid of width-aligned cells
+under one seed: uniform 1/2/4/8-bit models (``experiments/one-bitwidth-fig1.yaml``, the
+One-Bitwidth paper's Fig. 1) or DualPrecision's depthwise x other grid
+(``experiments/depthwise.yaml``, Table 7). Per model and budget it prints each cell's
+validation accuracy, mean with a 95% Student t interval over seeds, and differences paired
+by seed (the cells of one experiment share its seed), each with its 95% t interval:
+between every two bit-widths of a uniform grid, against the best cell of a depthwise grid
+(which it also lays out as Table 7: other bits down, depthwise bits across). A difference
+is called only when its interval excludes zero. Across budgets, it checks the DualPrecision
+proxy rule (choose at a small budget, scale the winner up) seed by seed. ``--plot`` draws
+accuracy against C_size per bit-width, as the paper's Fig. 1 does, with the intervals.
 
     python benchmarks/bitwidth_findings.py runs/one-bitwidth-fig1 --plot fig1.png
+    python benchmarks/bitwidth_findings.py runs/depthwise
 """
 
 from __future__ import annotations
@@ -25,14 +29,37 @@ from scipy import stats
 
 
 def load(root: Path) -> pd.DataFrame:
-    """One row per finished search trial: budget, seed, bits, width, C_size, accuracy."""
-    frames = [pd.read_parquet(p) for p in sorted(root.glob("*/results.parquet"))]
+    """One row per finished search trial: model, budget, seed, cell, width, C_size, accuracy.
+    ``bits`` names the cell: the bit-width of a uniform model (an int), or, where the space
+    has depthwise layers, both of DualPrecision's precisions ("dw 4 / other 1")."""
+    frames = [cells(pd.read_parquet(p), p.parent)
+              for p in sorted(root.glob("*/results.parquet"))]
     if not frames:
         raise SystemExit(f"no results.parquet below {root}: run the recipe first")
-    df = pd.concat(frames)
+    return pd.concat(frames)
+
+
+def cells(df: pd.DataFrame, experiment: Path) -> pd.DataFrame:
+    """The finished search trials of one experiment, each with its cell (see ``load``)."""
+    from qsearch.files import SPEC_FILE
+    from qsearch.spec import read_spec, space_from_spec
+
+    spec = read_spec(experiment / SPEC_FILE)
+    groups = list(space_from_spec(spec).groups.values())
     df = df[(df.stage == "search") & (df.status == "ok")].copy()
-    df["bits"] = [json.loads(c)["w_bits"][1] for c in df.candidate]
+    bits = [[{json.loads(c)["w_bits"][i] for i in g} for g in groups] for c in df.candidate]
+    if any(len(b) != 1 for per_group in bits for b in per_group):
+        raise SystemExit(f"{experiment}: a candidate mixes bit-widths within a group; this "
+                         "script reads uniform or depthwise-grid recipes")
+    keys = [[b.pop() for b in per_group] for per_group in bits]
+    df["bits"] = ([k[0] for k in keys] if len(groups) == 1 else
+                  [f"dw {dw} / other {other}" for dw, other in keys])
+    df["model"] = spec.model
     return df
+
+
+def name(bits) -> str:
+    return f"{bits}-bit" if isinstance(bits, (int, np.integer)) else str(bits)
 
 
 def interval(values: np.ndarray) -> tuple[float, float]:
@@ -41,6 +68,17 @@ def interval(values: np.ndarray) -> tuple[float, float]:
     if n < 2:
         return float(np.mean(values)), float("nan")
     return float(np.mean(values)), float(stats.t.ppf(0.975, n - 1) * stats.sem(values))
+
+
+def verdict(mean: float, half: float, better: str, worse: str) -> str:
+    """The call on a difference ``better - worse`` from its 95% interval."""
+    if not np.isfinite(half):
+        return "one seed: not called"
+    if mean - half > 0:
+        return f"{better} better"
+    if mean + half < 0:
+        return f"{worse} better"
+    return "undecided (interval includes 0)"
 
 
 def budget_table(df: pd.DataFrame) -> list[str]:
@@ -58,22 +96,45 @@ def budget_table(df: pd.DataFrame) -> list[str]:
 
 
 def paired_differences(df: pd.DataFrame) -> list[str]:
-    """Lower minus higher bits, per pair of bit-widths, paired on the seeds both ran."""
+    """Uniform cells: lower minus higher bits, for every pair, on the seeds both ran."""
     acc = df.pivot_table(index="seed", columns="bits", values="val_acc") * 100
     lines = ["| lower - higher bits | paired difference, mean ± 95% CI (n) | verdict |",
              "|---|---:|---|"]
     for lo, hi in itertools.combinations(sorted(acc.columns), 2):
         d = (acc[lo] - acc[hi]).dropna().to_numpy()
         mean, half = interval(d)
-        if not np.isfinite(half):
-            verdict = "one seed: not called"
-        elif mean - half > 0:
-            verdict = f"{lo}-bit better"
-        elif mean + half < 0:
-            verdict = f"{hi}-bit better"
-        else:
-            verdict = "undecided (interval includes 0)"
-        lines.append(f"| {lo} - {hi} | {mean:+.2f} ± {half:.2f} ({len(d)}) | {verdict} |")
+        lines.append(f"| {lo} - {hi} | {mean:+.2f} ± {half:.2f} ({len(d)}) | "
+                     f"{verdict(mean, half, name(lo), name(hi))} |")
+    return lines
+
+
+def versus_best(df: pd.DataFrame) -> list[str]:
+    """Grid cells: the best cell (highest mean) minus each other cell, paired by seed."""
+    acc = df.pivot_table(index="seed", columns="bits", values="val_acc") * 100
+    best = acc.mean().idxmax()
+    lines = [f"| best ({best}) minus | paired difference, mean ± 95% CI (n) | verdict |",
+             "|---|---:|---|"]
+    for cell in acc.mean().sort_values(ascending=False).index.drop(best):
+        d = (acc[best] - acc[cell]).dropna().to_numpy()
+        mean, half = interval(d)
+        call = verdict(mean, half, best, cell).replace(f"{best} better", "below the best")
+        lines.append(f"| {cell} | {mean:+.2f} ± {half:.2f} ({len(d)}) | {call} |")
+    return lines
+
+
+def grid_layout(df: pd.DataFrame) -> list[str]:
+    """DualPrecision's Table 7 layout: other convs' bits down, depthwise bits across, 8 first."""
+    split = df.bits.str.extract(r"dw (\d+) / other (\d+)").astype(int)
+    g = df.assign(dw=split[0], other=split[1])
+    dws = sorted(g.dw.unique(), reverse=True)
+    lines = ["| convs \\ depthwise | " + " | ".join(f"{b} bit" for b in dws) + " |",
+             "|---:|" + "---:|" * len(dws)]
+    for other in sorted(g.other.unique(), reverse=True):
+        row = []
+        for dw in dws:
+            acc = 100 * g[(g.other == other) & (g.dw == dw)].val_acc.to_numpy()
+            row.append("-" if not len(acc) else "{:.2f} ± {:.2f}".format(*interval(acc)))
+        lines.append(f"| {other} bit | " + " | ".join(row) + " |")
     return lines
 
 
@@ -82,7 +143,7 @@ def proxy_budgets(df: pd.DataFrame) -> list[str]:
     checked on every pair of budgets, seed by seed: the small budget's winner, whether it is
     also the large budget's winner, the accuracy it gives up at the large budget against that
     budget's winner (the proxy's regret, mean ± 95% t interval over seeds) and Kendall's tau
-    between the two budgets' orderings of the bit-widths (mean over seeds)."""
+    between the two budgets' orderings of the cells (mean over seeds)."""
     acc = df.pivot_table(index=["budget_value", "seed"], columns="bits", values="val_acc") * 100
     names = dict(zip(df.budget_value, df.budget))
     lines = ["| small -> large | seeds | small's winner per seed | holds at large | "
@@ -96,14 +157,18 @@ def proxy_budgets(df: pd.DataFrame) -> list[str]:
         for seed in seeds:
             a, b = acc.loc[(small, seed)].dropna(), acc.loc[(large, seed)].dropna()
             shared = a.index.intersection(b.index)
+            if len(shared) < 2:  # a budget still running: nothing to rank yet
+                continue
             pick = a[shared].idxmax()
             winners.append(pick)
             regret.append(b[shared].max() - b[pick])
             taus.append(stats.kendalltau(a[shared], b[shared]).statistic)
+        if not winners:
+            continue
         mean, half = interval(np.array(regret))
-        held = sum(b == acc.loc[(large, s)].idxmax() for b, s in zip(winners, seeds))
-        lines.append(f"| {names[small]} -> {names[large]} | {len(seeds)} | "
-                     f"{', '.join(f'{w}-bit' for w in winners)} | {held}/{len(seeds)} | "
+        held = sum(r == 0 for r in regret)  # the small budget's pick is the large's best
+        lines.append(f"| {names[small]} -> {names[large]} | {len(winners)} | "
+                     f"{', '.join(map(name, winners))} | {held}/{len(winners)} | "
                      f"{mean:.2f} ± {half:.2f} | {np.mean(taus):.2f} "
                      f"({', '.join(f'{t:.2f}' for t in taus)}) |")
     return lines
@@ -122,14 +187,14 @@ def plot(df: pd.DataFrame, path: Path) -> None:
         x, y, err = zip(*sorted(rows))
         dodge = 1.03 ** (k - 1.5)  # side by side at each budget (log axis)
         ax.errorbar([v * dodge for v in x], y, yerr=err, marker="o", capsize=3,
-                    label=f"{bits}-bit weights")
+                    label=f"{name(bits)} weights")
     ax.set_xscale("log", base=2)
     names = dict(zip(df.budget_value, df.budget))
     ax.set_xticks(budgets, [names[b] for b in budgets])
     ax.minorticks_off()
     ax.set_xlabel("budget: C_size (Eq. 6) matched within 97-100%")
     ax.set_ylabel("validation accuracy (%), 95% CI")
-    ax.set_title("ResNet-20, uniform bits, width-aligned")
+    ax.set_title(f"{', '.join(df.model.unique())}, width-aligned")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -141,14 +206,19 @@ def main() -> None:
     p.add_argument("--plot", type=Path, help="write accuracy against C_size here (PNG)")
     args = p.parse_args()
     df = load(args.root)
-    for budget, g in sorted(df.groupby("budget"), key=lambda bg: bg[1].budget_value.iloc[0]):
-        print(f"\n### {budget} ({g.seed.nunique()} seeds)\n")
+    for (model, _), g in df.groupby(["model", "budget_value"]):
+        grid = not pd.api.types.is_integer_dtype(g.bits)
+        n = g.seed.nunique()
+        print(f"\n### {model}, {g.budget.iloc[0]} ({n} seed{'s' * (n > 1)})\n")
         print("\n".join(budget_table(g)))
-        print()
-        print("\n".join(paired_differences(g)))
-    if df.budget_value.nunique() > 1:
-        print("\n### Proxy budgets: does the small budget's winner hold at the larger?\n")
-        print("\n".join(proxy_budgets(df)))
+        if grid:
+            print("\n" + "\n".join(grid_layout(g)))
+        print("\n" + "\n".join(versus_best(g) if grid else paired_differences(g)))
+    for model, g in df.groupby("model"):
+        if g.budget_value.nunique() > 1:
+            print(f"\n### {model}, proxy budgets: does the small budget's winner hold at the "
+                  "larger?\n")
+            print("\n".join(proxy_budgets(g)))
     if args.plot:
         plot(df, args.plot)
         print(f"\nplot: {args.plot}")
