@@ -14,6 +14,7 @@ also where the search found it in the cache (its training time is in the cache r
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,7 @@ def searches(root: Path) -> pd.DataFrame:
         if e["test_acc_mean"] is None:
             continue
         spec = read_spec(Path(e["dir"]) / SPEC_FILE)
-        cpu_h = e["cpu_hours"]
+        cpu_h = search_cpu_seconds(df[df.experiment_dir == e["dir"]]) / 3600
         if spec.evaluator == "supernet" and e["dir"] not in trained_here:
             where = supernet_dir(spec, space_from_spec(spec), parse_budget(spec.budget))
             cpu_h += (cached_info(where) or {}).get("train_seconds", np.nan) / 3600
@@ -46,6 +47,16 @@ def searches(root: Path) -> pd.DataFrame:
                      "test_acc": 100 * e["test_acc_mean"], "cpu_h": cpu_h,
                      "evaluations": e["trials"]})
     return pd.DataFrame(rows)
+
+
+def search_cpu_seconds(rows: pd.DataFrame) -> float:
+    """What a search cost: its supernet training, evaluations or trials and top-k retrains,
+    each trial by its process CPU time (``metrics.cpu_seconds``, which load on the machine
+    does not inflate), or, where a row lacks it, wall time x CPUs per trial."""
+    spent = rows[rows.stage.isin(("supernet", "search", "topk"))]
+    cpu = [json.loads(m or "{}").get("cpu_seconds") for m in spent.metrics]
+    wall = spent.wall_seconds.fillna(0.0) * spent.cpus_per_trial.fillna(1.0)
+    return float(sum(w if c is None else c for c, w in zip(cpu, wall)))
 
 
 def interval(values: np.ndarray, sign: str = "") -> str:
