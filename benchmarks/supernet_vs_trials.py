@@ -35,11 +35,12 @@ def searches(root: Path) -> pd.DataFrame:
         raise SystemExit(f"no experiments below {root}: run the recipe first")
     df, rows = load_experiments(dirs), []
     trained_here = set(df.loc[df.stage == "supernet", "experiment_dir"])
+    looked_up = evaluation_cost(df)
     for e in leaderboard(df):
         if e["test_acc_mean"] is None:
             continue
         spec = read_spec(Path(e["dir"]) / SPEC_FILE)
-        cpu_h = search_cpu_seconds(df[df.experiment_dir == e["dir"]]) / 3600
+        cpu_h = search_cpu_seconds(df[df.experiment_dir == e["dir"]], looked_up) / 3600
         if spec.evaluator == "supernet" and e["dir"] not in trained_here:
             where = supernet_dir(spec, space_from_spec(spec), parse_budget(spec.budget))
             cpu_h += (cached_info(where) or {}).get("train_seconds", np.nan) / 3600
@@ -49,14 +50,30 @@ def searches(root: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def search_cpu_seconds(rows: pd.DataFrame) -> float:
+def search_cpu_seconds(rows: pd.DataFrame, looked_up: float) -> float:
     """What a search cost: its supernet training, evaluations or trials and top-k retrains,
     each trial by its process CPU time (``metrics.cpu_seconds``, which load on the machine
-    does not inflate), or, where a row lacks it, wall time x CPUs per trial."""
+    does not inflate), or, where a row lacks it, wall time x CPUs per trial. An evaluation
+    found in the supernet's store of kept evaluations (an earlier search computed it) is
+    charged ``looked_up`` seconds, what computing one costs."""
     spent = rows[rows.stage.isin(("supernet", "search", "topk"))]
-    cpu = [json.loads(m or "{}").get("cpu_seconds") for m in spent.metrics]
-    wall = spent.wall_seconds.fillna(0.0) * spent.cpus_per_trial.fillna(1.0)
-    return float(sum(w if c is None else c for c, w in zip(cpu, wall)))
+    total = 0.0
+    for m, wall, cpus in zip(spent.metrics, spent.wall_seconds, spent.cpus_per_trial):
+        m = json.loads(m or "{}")
+        if m.get("eval_cached"):
+            total += looked_up
+        elif m.get("cpu_seconds") is not None:
+            total += m["cpu_seconds"]
+        elif pd.notna(wall):
+            total += wall * (cpus if pd.notna(cpus) else 1.0)
+    return total
+
+
+def evaluation_cost(df: pd.DataFrame) -> float:
+    """Median CPU seconds of the supernet evaluations that were computed, not looked up."""
+    m = [json.loads(x or "{}") for x in df.loc[df.task == "supernet-eval", "metrics"]]
+    cost = [x["cpu_seconds"] for x in m if not x.get("eval_cached") and "cpu_seconds" in x]
+    return float(np.median(cost)) if cost else np.nan
 
 
 def interval(values: np.ndarray, sign: str = "") -> str:
