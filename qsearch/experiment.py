@@ -230,7 +230,8 @@ def run_final(search: Runner) -> Runner | None:
     strategy = FinalRetrain(search.space, search.budgets.target, candidate=cand,
                             seeds=spec.final_seeds, seed=spec.seed)
     final = _stage(search, "final", strategy, f"final: retraining the chosen candidate at "
-                   f"{search.budgets.target} with {spec.final_seeds} seeds "
+                   f"{search.budgets.target} with {spec.final_seeds} seed"
+                   f"{'s' * (spec.final_seeds > 1)} "
                    f"({json.dumps(spec.final_train)})", state=state, own_clock=True)
     say = final.display.say
     stats = seed_summary(final.rows())
