@@ -95,9 +95,10 @@ def budget_table(df: pd.DataFrame) -> list[str]:
     return lines
 
 
-def paired_differences(df: pd.DataFrame) -> list[str]:
-    """Uniform cells: lower minus higher bits, for every pair, on the seeds both ran."""
-    acc = df.pivot_table(index="seed", columns="bits", values="val_acc") * 100
+def paired_differences(df: pd.DataFrame, by: tuple[str, ...] = ("seed",)) -> list[str]:
+    """Uniform cells: lower minus higher bits, for every pair, on the seeds both ran (``by``
+    budget and seed: pooled over budgets, each budget's seeds paired on their own)."""
+    acc = df.pivot_table(index=list(by), columns="bits", values="val_acc") * 100
     lines = ["| lower - higher bits | paired difference, mean ± 95% CI (n) | verdict |",
              "|---|---:|---|"]
     for lo, hi in itertools.combinations(sorted(acc.columns), 2):
@@ -194,7 +195,7 @@ def plot(df: pd.DataFrame, path: Path) -> None:
     ax.minorticks_off()
     ax.set_xlabel("budget: C_size (Eq. 6) matched within 97-100%")
     ax.set_ylabel("validation accuracy (%), 95% CI")
-    ax.set_title(f"{', '.join(df.model.unique())}, width-aligned")
+    ax.set_title(f"{', '.join(df.model.unique())}: each bit-width width-aligned to the budget")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -215,6 +216,9 @@ def main() -> None:
             print("\n" + "\n".join(grid_layout(g)))
         print("\n" + "\n".join(versus_best(g) if grid else paired_differences(g)))
     for model, g in df.groupby("model"):
+        if g.budget_value.nunique() > 1 and pd.api.types.is_integer_dtype(g.bits):
+            print(f"\n### {model}, all budgets: differences paired by budget and seed\n")
+            print("\n".join(paired_differences(g, by=("budget_value", "seed"))))
         if g.budget_value.nunique() > 1:
             print(f"\n### {model}, proxy budgets: does the small budget's winner hold at the "
                   "larger?\n")
