@@ -5,8 +5,11 @@ ways under the same seeds (``--evaluator supernet`` and stand-alone short trials
 winner retrained and tested. Prints, per strategy and way, the final test accuracy (mean
 with a 95% Student t interval over seeds) and the search's CPU-hours, then the difference
 supernet minus trials paired by seed (the two ways of one seed share the retrain seed), with
-its 95% t interval. A supernet's training counts in full for every search that uses it,
-also where the search found it in the cache (its training time is in the cache record).
+its 95% t interval. A search's CPU-hours are its trials' process CPU time, so other jobs on
+the machine do not inflate them; a supernet's training counts in full for every search that
+uses it, also where the search found it in the cache (its training time is in the cache
+record), and so does an evaluation an earlier search had computed and kept (charged at the
+median cost of the evaluations computed here).
 
     python benchmarks/supernet_vs_trials.py runs/supernet-vs-trials
 """
@@ -58,8 +61,8 @@ def search_cpu_seconds(rows: pd.DataFrame, looked_up: float) -> float:
     charged ``looked_up`` seconds, what computing one costs."""
     spent = rows[rows.stage.isin(("supernet", "search", "topk"))]
     total = 0.0
-    for m, wall, cpus in zip(spent.metrics, spent.wall_seconds, spent.cpus_per_trial):
-        m = json.loads(m or "{}")
+    for text, wall, cpus in zip(spent.metrics, spent.wall_seconds, spent.cpus_per_trial):
+        m = json.loads(text or "{}")
         if m.get("eval_cached"):
             total += looked_up
         elif m.get("cpu_seconds") is not None:
