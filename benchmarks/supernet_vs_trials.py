@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy import stats
+from bitwidth_findings import interval as t_interval
+from bitwidth_findings import verdict
 
 from qsearch.budget import parse_budget
 from qsearch.evaluator import cached_info, supernet_dir
@@ -81,10 +82,9 @@ def evaluation_cost(df: pd.DataFrame) -> float:
 
 def interval(values: np.ndarray, sign: str = "") -> str:
     """Mean ± half-width of the 95% Student t interval, and n (``sign="+"``: signed mean)."""
-    n, mean = len(values), float(np.mean(values))
-    if n < 2:
-        return f"{mean:{sign}.2f} (1)"
-    return f"{mean:{sign}.2f} ± {stats.t.ppf(0.975, n - 1) * stats.sem(values):.2f} ({n})"
+    mean, half = t_interval(values)
+    n = len(values)
+    return f"{mean:{sign}.2f} (1)" if n < 2 else f"{mean:{sign}.2f} ± {half:.2f} ({n})"
 
 
 def tables(df: pd.DataFrame) -> list[str]:
@@ -102,13 +102,9 @@ def tables(df: pd.DataFrame) -> list[str]:
         if not {"supernet", "train"} <= set(acc.columns):
             continue
         d = (acc["supernet"] - acc["train"]).dropna().to_numpy()
-        verdict = "one seed: not called"
-        if len(d) > 1:
-            half = stats.t.ppf(0.975, len(d) - 1) * stats.sem(d)
-            verdict = ("supernet better" if d.mean() - half > 0 else "trials better"
-                       if d.mean() + half < 0 else "undecided (interval includes 0)")
+        call = verdict(*t_interval(d), "supernet", "trials")
         lines.append(f"| {strategy} | {interval(d, '+')} | "
-                     f"{cpu['supernet'] / cpu['train']:.2f} | {verdict} |")
+                     f"{cpu['supernet'] / cpu['train']:.2f} | {call} |")
     return lines
 
 
