@@ -33,7 +33,8 @@ def heartbeat_s() -> float:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """A run's progress at one moment. ``eta_s`` is None when no trial limit is known."""
+    """A run's progress at one moment. ``eta_s`` is None when no trial limit is known;
+    ``at_steps``: (step, total steps) of each running trial that has reported."""
 
     done: int
     running: int
@@ -42,6 +43,7 @@ class Snapshot:
     best_c_size: float | None
     elapsed_s: float
     eta_s: float | None = None
+    at_steps: tuple[tuple[int, int], ...] = ()
 
 
 def _duration(s: float) -> str:
@@ -53,8 +55,17 @@ def status_text(s: Snapshot) -> str:
             if s.best_acc is not None else "best val -")
     eta = f" | ETA {_duration(s.eta_s)}" if s.eta_s is not None else ""
     mem = f" | driver rss {_rss_mib()} MiB" if os.environ.get("QSEARCH_MEMORY_LOG") else ""
-    return (f"trials done {s.done}, running {s.running}, failed {s.failed} | {best} | "
-            f"elapsed {_duration(s.elapsed_s)}{eta}{mem}")
+    return (f"trials done {s.done}, running {s.running}{_at_steps(s.at_steps)}, failed "
+            f"{s.failed} | {best} | elapsed {_duration(s.elapsed_s)}{eta}{mem}")
+
+
+def _at_steps(at: tuple[tuple[int, int], ...], most: int = 4) -> str:
+    """Where the running trials are: `` (at step 300/842)``, the first ``most`` of them."""
+    if not at:
+        return ""
+    more = f", +{len(at) - most}" if len(at) > most else ""
+    steps = ", ".join(f"{step}/{total}" for step, total in at[:most])
+    return f" (at step{'s' * (len(at) > 1)} {steps}{more})"
 
 
 def _rss_mib() -> int:

@@ -304,9 +304,12 @@ class Runner:
         limit = self.strategy.expected_trials() or 0
         here = len(rows) - self.finished_before
         eta = elapsed / here * (limit - len(rows)) if here > 0 and limit > len(rows) else None
+        reports = [e.get("last_report") or {} for e in self.live.values()]
+        at = tuple(sorted((int(r["step"]), int(r["total_steps"])) for r in reports
+                          if "step" in r and "total_steps" in r))
         return Snapshot(len(rows) - failed, len(self.live), failed,
                         best["val_acc"] if best else None, best["c_size"] if best else None,
-                        elapsed, eta)
+                        elapsed, eta, at)
 
     def progress(self) -> None:
         self.display.progress(self.snapshot())

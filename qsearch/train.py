@@ -229,8 +229,9 @@ def train(
     ``device`` defaults to the training split's device; ``hooks`` (see :class:`TrainHooks`)
     adapt the loss, optimiser groups, per-step actions and evaluation. With
     ``checkpoint_every_s``, the callback is also called between evaluations once that many
-    seconds passed since it last was, with ``{"step", "epoch", "elapsed_s", "checkpoint":
-    True}``: a long evaluation window still leaves recent states to resume from.
+    seconds passed since it last was, with ``{"step", "total_steps", "epoch", "elapsed_s",
+    "checkpoint": True}``: a long evaluation window still leaves recent states to resume from.
+    Evaluations hand their metrics with ``total_steps`` added.
 
     With a ``shard`` this is one worker of a data-parallel run: it trains its slice of each
     global batch in DDP, calls the callback at the same steps as every worker, evaluates only
@@ -303,9 +304,9 @@ class _Run:
                         return self._result("stopped", f"callback asked to stop at step "
                                             f"{self.step}")
                     continue
-                metrics = self._evaluate()
+                metrics = {**self._evaluate(), "total_steps": self.total}  # history keeps its own
                 self.handed_t = time.perf_counter()
-                if callback is not None and self._hand(callback, dict(metrics)):
+                if callback is not None and self._hand(callback, metrics):
                     return self._result("stopped", f"callback asked to stop at step {self.step}")
                 if stop:
                     return self._result("stopped", f"hooks asked to stop at step {self.step}")
@@ -336,7 +337,7 @@ class _Run:
         return stop if self.shard is None else self.shard.agree(stop)
 
     def _progress(self) -> dict:
-        return {"step": self.step, "epoch": self.step / self.per_epoch,
+        return {"step": self.step, "total_steps": self.total, "epoch": self.step / self.per_epoch,
                 "elapsed_s": self._elapsed(), "checkpoint": True}
 
     def _update(self, x: torch.Tensor, y: torch.Tensor) -> str | None:

@@ -94,6 +94,13 @@ def test_status_text_without_limit_has_no_eta():
     assert "ETA" not in status_text(snap()) and "best val -" in status_text(snap())
 
 
+def test_status_text_says_where_the_running_trials_are():
+    one = Snapshot(0, 1, 0, None, None, 1.0, at_steps=((300, 842),))
+    assert "running 1 (at step 300/842), failed 0" in status_text(one)
+    many = Snapshot(0, 5, 0, None, None, 1.0, at_steps=tuple((i, 9) for i in range(5)))
+    assert "running 5 (at steps 0/9, 1/9, 2/9, 3/9, +1)," in status_text(many)
+
+
 # ----- the runner, inline -----------------------------------------------------------------
 def test_inline_run_stores_rows_writes_final_and_resumes_with_nothing_left(tmp_path):
     out = io.StringIO()
@@ -134,6 +141,24 @@ def test_inline_stop_request_ends_the_trial_at_that_evaluation(tmp_path):
     assert row["status"] == "stopped" and json.loads(row["metrics"])["steps"] == 4
     assert json.loads(row["metrics"])["cpu_seconds"] > 0  # from the last intermediate report
     assert runner.strategy.asked == [(row["trial_id"], 4)]
+
+
+def test_snapshot_shows_each_running_trials_last_reported_step(tmp_path):
+    s, seen = spec(tmp_path, trials=1), []
+    (tmp_path / "exp").mkdir()
+    base = Runner(s, tmp_path / "exp", inline=True, display=Display(stream=io.StringIO()))
+
+    class Watch(StopAtFirstReport):
+        def should_stop(self, trial_id, metrics):
+            seen.append(runner.snapshot().at_steps)
+            return False
+
+    runner = Runner(s, tmp_path / "exp", inline=True, strategy=Watch(base.strategy),
+                    display=Display(stream=io.StringIO()))
+    execute(runner, 1, "watch")
+    # evaluations every 4 of 12 steps; the last goes out as the final report instead
+    assert seen == [((4, 12),), ((8, 12),)]
+    assert runner.snapshot().at_steps == ()  # nothing running
 
 
 def test_wall_seconds_count_the_running_spans_not_the_pauses(tmp_path):

@@ -211,7 +211,8 @@ def test_callback_stop_request_is_honoured(splits):
     result = train(tiny_model(), splits, short(), callback=stop_first)
     assert result.status == "stopped" and result.steps == 8 and len(calls) == 1
     assert {"step", "epoch", "train_loss", "val_acc", "val_loss", "elapsed_s",
-            "images_per_s"} <= calls[0].keys()
+            "images_per_s", "total_steps"} <= calls[0].keys()
+    assert calls[0]["total_steps"] == 24
     assert result.val_acc == calls[0]["val_acc"]
 
 
@@ -325,6 +326,7 @@ def test_custom_evaluation_metrics_land_in_the_history(splits):
     assert all(h["weight_norm"] > 0 and 0 <= h["real_acc"] <= 1 for h in result.history)
     assert [h["val_acc"] for h in result.history] == pytest.approx([0.92, 0.84, 0.76])
     assert result.best_val_acc == pytest.approx(0.92)  # best tracks the hook's val_acc
+    assert [m.pop("total_steps") for m in seen] == [24] * 3  # for the progress display
     assert seen == result.history
 
 
