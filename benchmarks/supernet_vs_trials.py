@@ -7,9 +7,9 @@ with a 95% Student t interval over seeds) and the search's CPU-hours, then the d
 supernet minus trials paired by seed (the two ways of one seed share the retrain seed), with
 its 95% t interval. A search's CPU-hours are its trials' process CPU time, so other jobs on
 the machine do not inflate them; a supernet's training counts in full for every search that
-uses it, also where the search found it in the cache (its training time is in the cache
-record), and so does an evaluation an earlier search had computed and kept (charged at the
-median cost of the evaluations computed here).
+uses it, also where the search found it in the cache (see ``supernet_trainings``), and so
+does an evaluation an earlier search had computed and kept (charged at the median cost of
+the evaluations computed here).
 
     python benchmarks/supernet_vs_trials.py runs/supernet-vs-trials
 """
@@ -26,7 +26,7 @@ from bitwidth_findings import interval as t_interval
 from bitwidth_findings import verdict
 
 from qsearch.budget import parse_budget
-from qsearch.evaluator import cached_info, supernet_dir
+from qsearch.evaluator import supernet_dir
 from qsearch.files import SPEC_FILE
 from qsearch.leaderboard import leaderboard, load_experiments
 from qsearch.spec import read_spec, space_from_spec
@@ -38,29 +38,53 @@ def searches(root: Path) -> pd.DataFrame:
     if not dirs:
         raise SystemExit(f"no experiments below {root}: run the recipe first")
     df, rows = load_experiments(dirs), []
-    trained_here = set(df.loc[df.stage == "supernet", "experiment_dir"])
+    trained, median_training = supernet_trainings(df)
     looked_up = evaluation_cost(df)
     for e in leaderboard(df):
         if e["test_acc_mean"] is None:
             continue
         spec = read_spec(Path(e["dir"]) / SPEC_FILE)
-        cpu_h = search_cpu_seconds(df[df.experiment_dir == e["dir"]], looked_up) / 3600
-        if spec.evaluator == "supernet" and e["dir"] not in trained_here:
-            where = supernet_dir(spec, space_from_spec(spec), parse_budget(spec.budget))
-            cpu_h += (cached_info(where) or {}).get("train_seconds", np.nan) / 3600
+        cpu_s = search_cpu_seconds(df[df.experiment_dir == e["dir"]], looked_up)
+        if spec.evaluator == "supernet":
+            cpu_s += trained.get(_supernet_of(e["dir"]), median_training)
         rows.append({"strategy": spec.strategy, "way": spec.evaluator, "seed": spec.seed,
-                     "test_acc": 100 * e["test_acc_mean"], "cpu_h": cpu_h,
+                     "test_acc": 100 * e["test_acc_mean"], "cpu_h": cpu_s / 3600,
                      "evaluations": e["trials"]})
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    out.attrs["note"] = (f"supernet training: {len(trained)} measured in one go here, median "
+                         f"{median_training:.0f} CPU-s, charged to the searches whose own "
+                         "training is not measured in full")
+    return out
+
+
+def _supernet_of(experiment_dir: str) -> Path:
+    spec = read_spec(Path(experiment_dir) / SPEC_FILE)
+    return supernet_dir(spec, space_from_spec(spec), parse_budget(spec.budget))
+
+
+def supernet_trainings(df: pd.DataFrame) -> tuple[dict[Path, float], float]:
+    """CPU seconds of each supernet trained here in one go (by its cache directory), and
+    their median. A search charges its supernet's training in full, also where it found
+    the supernet in the cache; a training whose CPU time is not known in full (trained
+    elsewhere, or resumed after a restart: its training time then exceeds the trial's wall
+    time, and older runs did not carry CPU time across the restart) is charged the median:
+    every supernet of this recipe is the same network trained for the same steps."""
+    trained = {}
+    for d, text, wall in zip(*(df.loc[df.stage == "supernet", c] for c in (
+            "experiment_dir", "metrics", "wall_seconds")), strict=True):
+        m = json.loads(text or "{}")
+        if m.get("cpu_seconds") is not None and m.get("train_seconds", 0) <= wall:
+            trained[_supernet_of(d)] = m["cpu_seconds"]
+    return trained, float(np.median(list(trained.values()))) if trained else np.nan
 
 
 def search_cpu_seconds(rows: pd.DataFrame, looked_up: float) -> float:
-    """What a search cost: its supernet training, evaluations or trials and top-k retrains,
-    each trial by its process CPU time (``metrics.cpu_seconds``, which load on the machine
-    does not inflate), or, where a row lacks it, wall time x CPUs per trial. An evaluation
-    found in the supernet's store of kept evaluations (an earlier search computed it) is
-    charged ``looked_up`` seconds, what computing one costs."""
-    spent = rows[rows.stage.isin(("supernet", "search", "topk"))]
+    """What a search cost besides its supernet's training: its evaluations or trials and
+    top-k retrains, each trial by its process CPU time (``metrics.cpu_seconds``, which load
+    on the machine does not inflate), or, where a row lacks it, wall time x CPUs per trial.
+    An evaluation found in the supernet's store of kept evaluations (an earlier search
+    computed it) is charged ``looked_up`` seconds, what computing one costs."""
+    spent = rows[rows.stage.isin(("search", "topk"))]
     total = 0.0
     for text, wall, cpus in zip(spent.metrics, spent.wall_seconds, spent.cpus_per_trial):
         m = json.loads(text or "{}")
@@ -111,7 +135,8 @@ def tables(df: pd.DataFrame) -> list[str]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("root", type=Path, help="the recipe's out directory")
-    print("\n".join(tables(searches(p.parse_args().root))))
+    df = searches(p.parse_args().root)
+    print("\n".join([*tables(df), "", df.attrs["note"]]))
 
 
 if __name__ == "__main__":

@@ -44,15 +44,13 @@ def cmd_run(args) -> None:
     from qsearch.files import SPEC_FILE
 
     specs = specs_from_args(args)
-    failed = []
-    if args.out and len(specs) > 1:
-        specs = [s.replace(out=str(Path(args.out) / Path(s.out).name)) for s in specs]
+    failed, recipe = [], len(specs) > 1 or args.only is not None
     for i, spec in enumerate(specs):
-        if len(specs) > 1:
+        if recipe:
             print(f"== experiment {i + 1}/{len(specs)}: {spec.out}")
         if args.dry_run:
             dry_run(spec)
-        elif len(specs) > 1 and (Path(spec.out) / SPEC_FILE).exists():
+        elif recipe and (Path(spec.out) / SPEC_FILE).exists():
             # a recipe re-run continues, with this command's run settings
             runner = resume_experiment(Path(spec.out), overrides={
                 k: getattr(spec, k) for k in RESUME_OVERRIDES})
@@ -207,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("recipe", nargs="?", help="YAML recipe in experiments/")
     run.add_argument("--dry-run", action="store_true", help="print the planned trials, "
                      "budgets and candidate costs; train nothing")
+    run.add_argument("--only", metavar="NAMES", help="run only these experiments of the "
+                     "recipe's matrix: names or shell patterns, comma-separated ('*-s1')")
     run.add_argument("--strategy", help="search strategy (see `qsearch strategies`)")
     run.add_argument("--budget", help="target budget: 12MB, 512KiB, 96Mbit, 20GBitOPs ...")
     run.add_argument("--proxy-budget", help="search at this budget, then re-align the winner "

@@ -4,6 +4,7 @@ per experiment of its matrix, and the argument types the parser uses."""
 from __future__ import annotations
 
 import argparse
+import fnmatch
 from pathlib import Path
 
 from qsearch import QSearchError
@@ -51,17 +52,43 @@ def specs_from_args(args):
     from qsearch.strategy import get_strategy, list_strategies
 
     base = load_yaml(args.recipe) if args.recipe else {}
-    strategies = list_strategies(search_only=True) if base.get("matrix") else []
+    matrix = bool(base.get("matrix"))
+    if matrix and args.out is not None:  # the recipe's experiments go below --out
+        base = {**base, "out": args.out}
+    strategies = list_strategies(search_only=True) if matrix else []
     if base.get("evaluator") == "supernet":  # `strategy: all` then means those it can serve
         strategies = [n for n in strategies if get_strategy(n).train_trials]
     flags = {key for key in _RUN_FLAGS if getattr(args, key) is not None}
-    recipes = expand_matrix(base, strategies)
+    recipes = only_experiments(expand_matrix(base, strategies), args.only, matrix=matrix)
     specs = [_apply_flags(Spec.from_dict(d, source=args.recipe or "spec"), args)
              for d in recipes]
+    if matrix:  # each its own directory, not --out itself
+        specs = [s.replace(out=d["out"]) for s, d in zip(specs, recipes, strict=True)]
     # trials run in other directories (a Ray worker's, another node's): absolute paths
     specs = [s.replace(model=portable_name(s.model), checkpoint=s.checkpoint and str(
         Path(s.checkpoint).expanduser().resolve())) for s in specs]
     return [search_defaults(s, set(d) | flags) for s, d in zip(specs, recipes)]
+
+
+def only_experiments(recipes: list[dict], only: str | None, *, matrix: bool) -> list[dict]:
+    """The experiments of a recipe's matrix that ``--only`` selects: those whose directory name
+    matches one of its comma-separated shell patterns (``'*-s1,uniform-*'``). Two processes
+    given disjoint selections run one recipe side by side."""
+    if only is None:
+        return recipes
+    if not matrix:
+        raise QSearchError(f"--only {only!r} selects experiments of a recipe's matrix and this "
+                           "run has none: drop --only, or give a recipe with a matrix")
+    names = [Path(r["out"]).name for r in recipes]
+    patterns = [p.strip() for p in only.split(",") if p.strip()]
+    chosen = [r for r, name in zip(recipes, names, strict=True)
+              if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
+    if not chosen:
+        listed = ", ".join(names[:10]) + (f" (+{len(names) - 10} more)" if len(names) > 10 else "")
+        raise QSearchError(f"--only {only!r} matches none of the recipe's experiments: "
+                           f"{listed}; use their names or shell patterns, e.g. --only "
+                           f"'{names[0]}'")
+    return chosen
 
 
 def _apply_flags(spec, args):

@@ -42,7 +42,8 @@ def run_trial(config: dict[str, Any], *, report: ReportFn, restored: dict | None
     from qsearch.tasks import TaskContext, get_task
     from qsearch.train import Execution, set_threads
 
-    start, cpu_start = time.perf_counter(), time.process_time()
+    before = restored.get("cpu_seconds", 0.0) if isinstance(restored, dict) else 0.0
+    start, cpu_start = time.perf_counter(), time.process_time() - before
     report = _with_cpu_seconds(report, cpu_start) if shard is None else report
     spec = Spec.from_dict(config["spec"])
     cpus, gpus = spec.worker_resources() if shard is not None else (
@@ -75,10 +76,15 @@ def run_trial(config: dict[str, Any], *, report: ReportFn, restored: dict | None
 def _with_cpu_seconds(report: ReportFn, cpu_start: float) -> ReportFn:
     """``report`` adding ``cpu_seconds``: the CPU time this trial's process has used since
     ``cpu_start`` (its threads; not data-loader worker processes). Unlike wall time it does
-    not grow when other jobs share the cores, so benchmarks compare searches by it."""
+    not grow when other jobs share the cores, so benchmarks compare searches by it. A
+    checkpointed state carries it too: a trial resumed from the state goes on counting."""
+
+    def spent() -> float:
+        return time.process_time() - cpu_start
 
     def send(metrics: dict, state_fn=None) -> bool:
-        return report({**metrics, "cpu_seconds": time.process_time() - cpu_start}, state_fn)
+        with_cpu = None if state_fn is None else (lambda: {**state_fn(), "cpu_seconds": spent()})
+        return report({**metrics, "cpu_seconds": spent()}, with_cpu)
 
     return send
 

@@ -152,6 +152,7 @@ CASES = [  # (argv, text the one-line message must contain); "--steps 5" added u
     (["--budget", "6KB", "--train-fraction", "2"], "train_fraction"),
     (["--budget", "6KB", "--train-fraction", "nan"], "train_fraction = nan not understood"),
     (["--budget", "6KB", "--colour", "blue"], "unrecognized arguments: --colour"),
+    (["--budget", "6KB", "--only", "a*"], "--only 'a*' selects experiments of a recipe's"),
 ]
 # checks that need the cluster or the dataset's files: a real run only
 REAL_RUN_ONLY = ("is unreachable", "/nonexistent/fm")

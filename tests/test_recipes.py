@@ -66,3 +66,27 @@ def test_a_named_experiment_of_a_recipe_gets_its_name_as_directory(tmp_path, cap
     assert "== experiment 2/2: runs/r/uniform-7KB\n" in out
     first = out.split("== experiment 2/2")[0]
     assert "bits other 1," in first and "bits other 2," not in first
+
+
+def test_only_runs_the_experiments_it_names(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("dataset: synthetic\nstrategy: uniform\nout: runs/r\nmatrix:\n" + "".join(
+        f"  - {{name: u{b}-s{s}, budget: 6KB, bit_choices: [{b}], seed: {s}}}\n"
+        for b in (1, 2) for s in (0, 1)))
+    assert main(["run", str(recipe), "--dry-run", "--only", "*-s1, u1-s0"]) == 0
+    out = capsys.readouterr().out
+    assert [ln for ln in out.splitlines() if ln.startswith("==")] == [
+        "== experiment 1/3: runs/r/u1-s0", "== experiment 2/3: runs/r/u1-s1",
+        "== experiment 3/3: runs/r/u2-s1"]
+    # one experiment selected is still one of the recipe's: --out is the recipe's directory
+    assert main(["run", str(recipe), "--dry-run", "--only", "u2-s0", "--out", "elsewhere"]) == 0
+    assert "== experiment 1/1: elsewhere/u2-s0\n" in capsys.readouterr().out
+    assert main(["run", str(recipe), "--dry-run", "--out", "elsewhere"]) == 0
+    out = capsys.readouterr().out
+    assert all(f": elsewhere/u{b}-s{s}\n" in out for b in (1, 2) for s in (0, 1))
+    assert main(["run", str(recipe), "--dry-run", "--only", "u4-*"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--only 'u4-*' matches none of the recipe's experiments: " \
+        "u1-s0, u1-s1, u2-s0, u2-s1;" in err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "elsewhere").exists()

@@ -19,6 +19,7 @@ from qsearch.planning import budget_text, plan_budgets
 from qsearch.runner import Runner, execute
 from qsearch.spec import Spec, space_from_spec
 from qsearch.store import ResultsStore
+from qsearch.trial import run_trial
 
 TINY = dict(model="resnet20", dataset="synthetic", budget="6KB", seed=0,
             train={"steps": 12, "batch_size": 32, "eval_every_steps": 4})
@@ -159,6 +160,18 @@ def test_snapshot_shows_each_running_trials_last_reported_step(tmp_path):
     # evaluations every 4 of 12 steps; the last goes out as the final report instead
     assert seen == [((4, 12),), ((8, 12),)]
     assert runner.snapshot().at_steps == ()  # nothing running
+
+
+def test_a_resumed_trial_counts_the_cpu_time_before_its_restart(tmp_path):
+    s = spec(tmp_path, trials=1)
+    config = Runner(s, tmp_path, inline=True, display=Display(stream=io.StringIO())).suggest("t")
+    states = []
+    run_trial(config, report=lambda m, state_fn=None: states.append(state_fn()), restored=None)
+    first = states[0]["cpu_seconds"]  # the step-4 checkpoint
+    assert first > 0
+    final = run_trial(config, report=lambda m, state_fn=None: False,
+                      restored={**states[0], "cpu_seconds": first + 100.0})
+    assert final["status"] == "ok" and final["cpu_seconds"] > first + 100.0
 
 
 def test_wall_seconds_count_the_running_spans_not_the_pauses(tmp_path):
