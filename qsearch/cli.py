@@ -40,27 +40,51 @@ def cmd_space_show(args) -> None:
 
 # ----- run / resume / results / strategies ---------------------------------------------
 def cmd_run(args) -> None:
-    from qsearch.experiment import RESUME_OVERRIDES, dry_run, resume_experiment, run_experiment
-    from qsearch.files import SPEC_FILE
+    from qsearch.experiment import dry_run
 
     specs = specs_from_args(args)
-    failed, recipe = [], len(specs) > 1 or args.only is not None
+    failed, skipped, recipe = [], [], len(specs) > 1 or args.only is not None
     for i, spec in enumerate(specs):
         if recipe:
             print(f"== experiment {i + 1}/{len(specs)}: {spec.out}")
         if args.dry_run:
             dry_run(spec)
-        elif recipe and (Path(spec.out) / SPEC_FILE).exists():
-            # a recipe re-run continues, with this command's run settings
-            runner = resume_experiment(Path(spec.out), overrides={
-                k: getattr(spec, k) for k in RESUME_OVERRIDES})
-        else:
-            runner = run_experiment(spec)
-        if not args.dry_run and runner.best() is None and not runner.unfinished():
+            continue
+        runner = _run_one(spec, recipe)
+        if runner is None:
+            skipped.append(spec.out)
+        elif runner.best() is None and not runner.unfinished():
             failed.append(str(runner.out))
+    if skipped:
+        print(f"skipped {len(skipped)} experiment{'s' * (len(skipped) > 1)} another process "
+              f"drives: {', '.join(skipped)}")
     if failed:
         raise SystemExit(f"qsearch: no trial succeeded in {', '.join(failed)}: see "
                          "`qsearch results DIR` for the errors")
+
+
+def _run_one(spec, recipe: bool):
+    """Run or, in a recipe re-run, continue (with this command's run settings) one
+    experiment. A recipe skips an experiment another process drives (None): two processes
+    running one recipe share its experiments."""
+    from qsearch.experiment import (
+        RESUME_OVERRIDES,
+        ExperimentBusy,
+        resume_experiment,
+        run_experiment,
+    )
+    from qsearch.files import SPEC_FILE
+
+    try:
+        if recipe and (Path(spec.out) / SPEC_FILE).exists():
+            return resume_experiment(Path(spec.out), overrides={
+                k: getattr(spec, k) for k in RESUME_OVERRIDES})
+        return run_experiment(spec)
+    except ExperimentBusy as e:
+        if not recipe:
+            raise
+        print(f"skipped: {e}")
+        return None
 
 
 def cmd_resume(args) -> None:

@@ -28,6 +28,10 @@ from qsearch.strategy import create_strategy
 RESUME_OVERRIDES = RUN_SETTINGS  # where and how trials run, not what they search
 
 
+class ExperimentBusy(QSearchError):
+    """Another process drives the experiment (holds its lock, or just claimed it)."""
+
+
 def run_experiment(spec: Spec, *, inline: bool = False,
                    display: Display | None = None) -> Runner:
     """Start a new experiment in ``spec.out`` (default ``runs/<strategy>-<time>``)."""
@@ -40,8 +44,8 @@ def run_experiment(spec: Spec, *, inline: bool = False,
     connect(runner)
     with _lock(out):
         if (out / SPEC_FILE).exists():
-            raise QSearchError(f"{out} was just claimed by another qsearch run: choose "
-                               "another --out")
+            raise ExperimentBusy(f"{out} was just claimed by another qsearch run: choose "
+                                 "another --out")
         (out / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=2))
         runner.save_state()
         return _drive(runner, resumed=False)
@@ -265,8 +269,8 @@ def _lock(out: Path):
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise QSearchError(f"another qsearch process is running in {out}: wait for it, or "
-                           "use another --out") from None
+        raise ExperimentBusy(f"another qsearch process is running in {out}: wait for it, "
+                             "or use another --out") from None
     try:
         yield
     finally:

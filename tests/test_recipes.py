@@ -1,11 +1,17 @@
 """Every recipe in experiments/ parses, expands its matrix and dry-runs (nothing trained,
-nothing written)."""
+nothing written); how `qsearch run` walks a recipe's experiments (--only, --out, skipping
+those another process drives)."""
 
+import fcntl
+import json
+import os
 from pathlib import Path
 
 import pytest
 
 from qsearch.cli import main
+from qsearch.files import LOCK_FILE, SPEC_FILE
+from qsearch.spec import Spec
 
 RECIPES = sorted(Path(__file__).parent.parent.glob("experiments/*.yaml"))
 
@@ -90,3 +96,29 @@ def test_only_runs_the_experiments_it_names(tmp_path, capsys, monkeypatch):
     assert err.count("\n") == 1 and "--only 'u4-*' matches none of the recipe's experiments: " \
         "u1-s0, u1-s1, u2-s0, u2-s1;" in err
     assert not (tmp_path / "runs").exists() and not (tmp_path / "elsewhere").exists()
+
+
+def test_a_recipe_skips_the_experiments_another_process_drives(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("dataset: synthetic\nstrategy: uniform\nbudget: 6KB\nout: runs/r\n"
+                      "matrix:\n  - {name: a, seed: 0}\n  - {name: b, seed: 1}\n")
+    held = []
+    for name in "ab":  # stored experiments whose lock another process holds
+        out = tmp_path / "runs/r" / name
+        out.mkdir(parents=True)
+        spec = Spec(strategy="uniform", dataset="synthetic", budget="6KB", out=str(out))
+        (out / SPEC_FILE).write_text(json.dumps(spec.to_dict()))
+        held.append(os.open(out / LOCK_FILE, os.O_CREAT | os.O_RDWR))
+        fcntl.flock(held[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        assert main(["run", str(recipe)]) == 0
+        out = capsys.readouterr().out
+        assert "skipped: another qsearch process is running in runs/r/a:" in out
+        assert "skipped 2 experiments another process drives: runs/r/a, runs/r/b" in out
+        assert main(["resume", "runs/r/a"]) == 2  # one experiment alone: an error
+        assert "another qsearch process is running in runs/r/a" in capsys.readouterr().err
+    finally:
+        for fd in held:
+            os.close(fd)
+    assert sorted(p.name for p in (tmp_path / "runs/r/a").iterdir()) == [LOCK_FILE, SPEC_FILE]
