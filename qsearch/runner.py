@@ -133,6 +133,7 @@ class Runner:
         self.unsaved_since: float | None = None  # a trial began after the last state write
         self.next_index = 0
         self.t0 = time.time()
+        self.first_start: float | None = None  # of this stage's trials in this sitting (ETA)
         self.finished_before = len(self.rows())
         self.experiment_id = spec.name or out.name
         if state:
@@ -173,6 +174,7 @@ class Runner:
     def started_trial(self, trial_id: str) -> None:
         """A trial started, or resumed after a pause or a failure."""
         self.running.start(trial_id)
+        self.first_start = self.first_start or time.time()
         self.progress()
 
     def paused_trial(self, trial_id: str) -> None:
@@ -303,7 +305,8 @@ class Runner:
         elapsed = time.time() - self.t0
         limit = self.strategy.expected_trials() or 0
         here = len(rows) - self.finished_before
-        eta = elapsed / here * (limit - len(rows)) if here > 0 and limit > len(rows) else None
+        own = time.time() - (self.first_start or self.t0)  # not an earlier stage's time
+        eta = own / here * (limit - len(rows)) if here > 0 and limit > len(rows) else None
         reports = [e.get("last_report") or {} for e in self.live.values()]
         at = tuple(sorted((int(r["step"]), int(r["total_steps"])) for r in reports
                           if "step" in r and "total_steps" in r))

@@ -162,6 +162,24 @@ def test_snapshot_shows_each_running_trials_last_reported_step(tmp_path):
     assert runner.snapshot().at_steps == ()  # nothing running
 
 
+def test_eta_counts_this_stages_trials_not_the_time_before_them(tmp_path):
+    s, seen = spec(tmp_path), []  # two trials
+    (tmp_path / "exp").mkdir()
+    base = Runner(s, tmp_path / "exp", inline=True, display=Display(stream=io.StringIO()))
+
+    class Watch(StopAtFirstReport):
+        def should_stop(self, trial_id, metrics):
+            seen.append(runner.snapshot())
+            return False
+
+    runner = Runner(s, tmp_path / "exp", inline=True, strategy=Watch(base.strategy),
+                    display=Display(stream=io.StringIO()))
+    runner.t0 -= 1000.0  # as if a supernet had trained for 1000 s before these trials
+    execute(runner, 2, "eta")
+    second = [snap for snap in seen if snap.done == 1]
+    assert second and all(snap.elapsed_s > 1000 and snap.eta_s < 100 for snap in second)
+
+
 def test_a_resumed_trial_counts_the_cpu_time_before_its_restart(tmp_path):
     s = spec(tmp_path, trials=1)
     config = Runner(s, tmp_path, inline=True, display=Display(stream=io.StringIO())).suggest("t")
