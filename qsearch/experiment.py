@@ -136,25 +136,17 @@ def _stage(search: Runner, stage: str, strategy, what: str, *, state: dict | Non
 
 
 def run_supernet(search: Runner) -> bool:
-    """Train the search's supernet, unless the cache has it; False if it is not ready."""
-    directory, spec = search.supernet_dir, search.spec
+    """Train the search's supernet, unless the cache has it; False if it is not ready. Only
+    one process trains a supernet: another that needs it meanwhile gets ``ExperimentBusy``
+    (a recipe skips that experiment; a resume later reuses the supernet)."""
+    directory = search.supernet_dir
     say = search.display.say
     info = cached_info(directory)
     if info is None:
-        strategy = SupernetTraining(search.space, search.budgets.search,
-                                    directory=str(directory), seed=spec.seed)
-        stage = _stage(search, "supernet", strategy, f"supernet: training the "
-                       f"weight-sharing network at {search.budgets.search} "
-                       f"({json.dumps(spec.supernet_train)}) into {directory}")
-        search.store = ResultsStore(search.out)  # with the stage's row: the search appends
-        info = cached_info(directory)
-        if info is None and stage.unfinished():
-            search.blocked = "supernet"
-            say(f"supernet: training did not finish: `qsearch resume {search.out}` continues")
-            return False
+        with _lock(directory, busy=f"another qsearch process is training the supernet "
+                   f"{directory}: when it is done, `qsearch resume {search.out}` reuses it"):
+            info = cached_info(directory) or _train_supernet(search, directory)
         if info is None:
-            errors = "; ".join(str(r["error"]) for r in stage.rows())
-            say(f"supernet: training failed ({errors[:300]}): nothing to search with")
             return False
     else:
         say(f"supernet: reusing {directory}")
@@ -162,6 +154,25 @@ def run_supernet(search: Runner) -> bool:
     say(f"supernet: trained {info['steps']} steps in {info['train_seconds'] / 60:.1f} min; "
         f"uniform candidates cut out of it: {uniform} val acc")
     return True
+
+
+def _train_supernet(search: Runner, directory: Path) -> dict | None:
+    """The supernet stage; the cache record, or None (said why) if there is none yet."""
+    spec, say = search.spec, search.display.say
+    strategy = SupernetTraining(search.space, search.budgets.search,
+                                directory=str(directory), seed=spec.seed)
+    stage = _stage(search, "supernet", strategy, f"supernet: training the weight-sharing "
+                   f"network at {search.budgets.search} ({json.dumps(spec.supernet_train)}) "
+                   f"into {directory}")
+    search.store = ResultsStore(search.out)  # with the stage's row: the search appends
+    info = cached_info(directory)
+    if info is None and stage.unfinished():
+        search.blocked = "supernet"
+        say(f"supernet: training did not finish: `qsearch resume {search.out}` continues")
+    elif info is None:
+        errors = "; ".join(str(r["error"]) for r in stage.rows())
+        say(f"supernet: training failed ({errors[:300]}): nothing to search with")
+    return info
 
 
 def run_top_k(search: Runner) -> Runner:
@@ -262,15 +273,16 @@ def dry_run(spec: Spec) -> None:
 
 
 @contextlib.contextmanager
-def _lock(out: Path):
+def _lock(out: Path, busy: str | None = None):
+    """Hold ``out``'s lock file, or raise ``ExperimentBusy`` (with ``busy`` as its message)."""
     out.mkdir(parents=True, exist_ok=True)
     fd = os.open(out / LOCK_FILE, os.O_CREAT | os.O_RDWR)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise ExperimentBusy(f"another qsearch process is running in {out}: wait for it, "
-                             "or use another --out") from None
+        raise ExperimentBusy(busy or f"another qsearch process is running in {out}: wait for "
+                             "it, or use another --out") from None
     try:
         yield
     finally:

@@ -194,3 +194,31 @@ def test_a_time_budget_cuts_supernet_training_and_resume_finishes_every_stage(tm
     assert (df.status == "ok").all()
     assert df.groupby("stage").size().to_dict() == {"supernet": 1, "search": 3, "topk": 1}
     assert list(cache.glob("*/supernet.pt"))
+
+
+def test_only_one_process_trains_a_supernet(tmp_path):
+    import fcntl
+    import io
+
+    from qsearch.console import Display
+    from qsearch.experiment import ExperimentBusy, run_supernet
+    from qsearch.files import LOCK_FILE
+    from qsearch.runner import Runner
+    from qsearch.spec import Spec
+
+    spec = Spec(strategy="random", dataset="synthetic", budget="6KB", evaluator="supernet",
+                supernet_cache=str(tmp_path / "supernets"), trials=2,
+                train={"steps": 20, "batch_size": 32})
+    (tmp_path / "exp").mkdir()
+    runner = Runner(spec, tmp_path / "exp", inline=True, display=Display(stream=io.StringIO()))
+    runner.supernet_dir.mkdir(parents=True)
+    fd = os.open(runner.supernet_dir / LOCK_FILE, os.O_CREAT | os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another process trains it
+    try:
+        with pytest.raises(ExperimentBusy, match="another qsearch process is training the "
+                           f"supernet {runner.supernet_dir}: when it is done, `qsearch resume"):
+            run_supernet(runner)
+    finally:
+        os.close(fd)
+    assert [p.name for p in runner.supernet_dir.iterdir()] == [LOCK_FILE]  # nothing trained
+    assert not (tmp_path / "exp" / "results.parquet").exists()
