@@ -57,7 +57,7 @@ def cmd_run(args) -> None:
             failed.append(str(runner.out))
     if skipped:
         print(f"skipped {len(skipped)} experiment{'s' * (len(skipped) > 1)} another process "
-              f"drives: {', '.join(skipped)}")
+              f"is busy with: {', '.join(skipped)} (the same command again takes them up)")
     if failed:
         raise SystemExit(f"qsearch: no trial succeeded in {', '.join(failed)}: see "
                          "`qsearch results DIR` for the errors")

@@ -115,7 +115,7 @@ def test_a_recipe_skips_the_experiments_another_process_drives(tmp_path, capsys,
         assert main(["run", str(recipe)]) == 0
         out = capsys.readouterr().out
         assert "skipped: another qsearch process is running in runs/r/a:" in out
-        assert "skipped 2 experiments another process drives: runs/r/a, runs/r/b" in out
+        assert "skipped 2 experiments another process is busy with: runs/r/a, runs/r/b" in out
         assert main(["resume", "runs/r/a"]) == 2  # one experiment alone: an error
         assert "another qsearch process is running in runs/r/a" in capsys.readouterr().err
     finally:
