@@ -251,8 +251,9 @@ def run_final(search: Runner) -> Runner | None:
     say = final.display.say
     stats = seed_summary(final.rows())
     if stats:
-        say(f"final: test accuracy {stats['test_acc_mean']:.2%} +- {stats['test_acc_std']:.2%}"
-            f" (n={stats['n']})")
+        spread = f" +- {stats['test_acc_std']:.2%} (std, n={stats['n']})" if stats["n"] > 1 \
+            else " (1 seed: no spread)"
+        say(f"final: test accuracy {stats['test_acc_mean']:.2%}{spread}")
         path = out / FINAL_FILE
         record = json.loads(path.read_text()) if path.exists() else {}
         path.write_text(json.dumps({**record, **stats}, indent=2))

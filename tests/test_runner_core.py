@@ -117,6 +117,16 @@ def test_inline_run_stores_rows_writes_final_and_resumes_with_nothing_left(tmp_p
     assert len(again.rows()) == 2  # nothing re-run
 
 
+def test_the_final_line_gives_a_seed_spread_only_for_several_seeds(tmp_path):
+    for seeds, words in ((2, " (std, n=2)"), (1, " (1 seed: no spread)")):
+        out = io.StringIO()
+        run_experiment(spec(tmp_path / str(seeds), trials=1, final_seeds=seeds,
+                            final_train={"steps": 4, "batch_size": 32}),
+                       inline=True, display=Display(stream=out, live=False))
+        (line,) = [ln for ln in out.getvalue().splitlines() if "final: test accuracy" in ln]
+        assert line.endswith(words) and ("+-" in line) == (seeds > 1), line
+
+
 class StopAtFirstReport:
     """Wraps a strategy: every trial is asked to stop at its first intermediate report."""
 
