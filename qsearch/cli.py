@@ -186,7 +186,8 @@ def cmd_fidelity(args) -> None:
 
     spec = fidelity_spec(args.budget, candidates=args.candidates, steps=args.steps,
                          epochs=args.epochs, seeds=args.seeds, batch_size=args.batch_size,
-                         data_root=args.data_root, **{k: getattr(args, k) for k in (
+                         data_root=args.data_root, mixes=args.mixes,
+                         **{k: getattr(args, k) for k in (
                              "model", "dataset", "proxy_budget", "seed", "cpus_per_trial",
                              "gpus_per_trial", "concurrency", "address", "out")})
 
@@ -327,7 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
     fi.add_argument("--dataset", help="fashion-mnist (default), cifar10, ...")
     fi.add_argument("--data-root")
     fi.add_argument("--candidates", type=int, default=12, help="uniform bit-widths plus "
-                    "random mixed ones (default 12)")
+                    "mixed ones (default 12)")
+    fi.add_argument("--mixes", default="random", help="random (default): random per-layer "
+                    "mixes; halves: first the extremes, each half of the network at one end "
+                    "of a pair of bit-widths")
     fi.add_argument("--steps", help="trial lengths in steps (default 100,300,900)")
     fi.add_argument("--epochs", help="trial lengths in epochs instead, e.g. 1,3")
     fi.add_argument("--seeds", type=int, default=1, help="repeats of each (candidate, "

@@ -277,7 +277,7 @@ def parse_lengths(text: str, unit: str) -> list:
 
 def fidelity_spec(budget: str | None, *, candidates: int, steps: str | None,
                   epochs: str | None, seeds: int, batch_size: int | None = None,
-                  data_root: str | None = None, **settings):
+                  data_root: str | None = None, mixes: str = "random", **settings):
     """The Spec of a `qsearch fidelity` run (``settings``: other spec keys, None = default),
     checked before anything is written: strategy ``fidelity``, the trial length set to the
     longest length, one trial per (candidate, length, seed)."""
@@ -295,7 +295,8 @@ def fidelity_spec(budget: str | None, *, candidates: int, steps: str | None,
     train = {unit: max(lengths)} | ({"batch_size": batch_size} if batch_size else {})
     return Spec(strategy="fidelity", budget=budget, train=train,
                 strategy_kwargs={"candidates": candidates, unit: sorted(lengths),
-                                 "seeds": seeds},
+                                 "seeds": seeds} | ({"mixes": mixes} if mixes != "random"
+                                                    else {}),
                 data={"root": data_root} if data_root else {},
                 trials=candidates * len(lengths) * seeds,
                 **{k: v for k, v in settings.items() if v is not None})

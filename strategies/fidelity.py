@@ -2,9 +2,12 @@
 short trial ranks them as a longer one does (`qsearch fidelity`; the report is
 :mod:`qsearch.fidelity`).
 
-The candidates are the uniform bit-widths of the space's bit choices plus random mixed
-ones, all width-aligned to the budget. Each (length, candidate, seed offset) is one trial,
-shortest lengths first, so a cut-short run has complete rankings at the short lengths.
+The candidates are the uniform bit-widths of the space's bit choices plus mixed ones, all
+width-aligned to the budget: random per-layer mixes, or (``mixes="halves"``) first the
+extreme mixes that give each half of the network one end of a pair of bit-widths (front
+1-bit and back 8-bit, and the reverse; widest pairs first), then random ones. Each
+(length, candidate, seed offset) is one trial, shortest lengths first, so a cut-short run
+has complete rankings at the short lengths.
 The longest length is the run's trial length (``--steps``/``--epochs``); a shorter one
 trains its share of it.
 """
@@ -44,6 +47,18 @@ def train_length(ctx: TaskContext) -> Result:
                                                 **{k: p[k] for k in keep if k in p}})
 
 
+MIXES = ("random", "halves")
+
+
+def half_mixes(bit_choices: Sequence[int], n: int) -> list[list[int]]:
+    """For each pair of bit-widths lo < hi, the front half of the ``n`` layers at one and the
+    back half at the other, both ways round; pairs with the larger ratio hi/lo first."""
+    pairs = sorted(((lo, hi) for lo in bit_choices for hi in bit_choices if lo < hi),
+                   key=lambda p: (-p[1] / p[0], p))
+    front = n // 2
+    return [[a] * front + [b] * (n - front) for lo, hi in pairs for a, b in ((lo, hi), (hi, lo))]
+
+
 def check_options(candidates: object, lengths: object, seeds: object, unit: str) -> None:
     """Refuse bad fidelity options with one line naming the value and the fix."""
     def whole(v: object) -> bool:
@@ -73,8 +88,12 @@ class Fidelity(GridStrategy):
 
     def __init__(self, space: SearchSpace, budget: Budget, *, seed: int = 0,
                  candidates: int = 12, steps: Sequence[int] | None = None,
-                 epochs: Sequence[float] | None = None, seeds: int = 1):
+                 epochs: Sequence[float] | None = None, seeds: int = 1,
+                 mixes: str = "random"):
         super().__init__(space, budget, seed=seed)
+        if mixes not in MIXES:
+            raise QSearchError(f"fidelity mixes {mixes!r} not known: use one of "
+                               f"{', '.join(MIXES)}, e.g. --mixes halves")
         if steps is not None and epochs is not None:
             raise QSearchError("fidelity: give steps or epochs, not both (e.g. "
                                "--steps 100,300,900)")
@@ -82,15 +101,18 @@ class Fidelity(GridStrategy):
         lengths = epochs if epochs is not None else (steps or [100, 300, 900])
         check_options(candidates, list(lengths), seeds, self.unit)
         self.lengths = sorted(lengths)
-        self.bits = self._candidate_bits(candidates)
+        self.bits = self._candidate_bits(candidates, halves=mixes == "halves")
         self.cells = [[length, i, s] for length in self.lengths
                       for i in range(candidates) for s in range(seeds)]
 
-    def _candidate_bits(self, k: int) -> list[list[int]]:
-        """Per-free-layer bits: one uniform candidate per bit choice (up to k), then
-        distinct random mixed ones."""
+    def _candidate_bits(self, k: int, *, halves: bool = False) -> list[list[int]]:
+        """Per-free-layer bits: one uniform candidate per bit choice (up to k), then (with
+        ``halves``) the half-and-half extremes, then distinct random mixed ones."""
         n = len(self.space.free_layers)
         out = [[b] * n for b in self.space.bit_choices[:k]]
+        if halves:
+            out += [h for h in half_mixes(self.space.bit_choices, n) if h not in out][
+                :max(0, k - len(out))]
         for _ in range(100 * k):
             if len(out) == k:
                 break
@@ -103,8 +125,13 @@ class Fidelity(GridStrategy):
         return out
 
     def label(self, i: int) -> str:
-        bits = self.bits[i]
-        return f"uniform-{bits[0]}b" if len(set(bits)) == 1 else f"mixed-{i}"
+        bits, n = self.bits[i], len(self.bits[i])
+        if len(set(bits)) == 1:
+            return f"uniform-{bits[0]}b"
+        front, back = set(bits[:n // 2]), set(bits[n // 2:])
+        if len(front) == len(back) == 1 and n > 1:
+            return f"halves-{bits[0]}b-{bits[-1]}b"
+        return f"mixed-{i}"
 
     def propose(self, cell: list) -> Proposal:
         length, i, s = cell

@@ -135,6 +135,23 @@ def test_mixed_candidates_are_distinct_and_bad_options_refused(space):
             create_strategy("fidelity", space, parse_budget("6KB"), **bad)
 
 
+def test_halves_puts_the_extreme_mixes_first(space):
+    s = create_strategy("fidelity", space, parse_budget("6KB"), candidates=9, steps=[5, 10],
+                        mixes="halves")  # bit choices 1, 2, 4, 8: 4 uniform, then halves
+    n = len(space.free_layers)
+    assert [s.label(i) for i in range(4, 9)] == [
+        "halves-1b-8b", "halves-8b-1b", "halves-1b-4b", "halves-4b-1b", "halves-2b-8b"]
+    assert s.bits[4] == [1] * (n // 2) + [8] * (n - n // 2) and s.bits[5] == s.bits[4][::-1]
+    costs = [space.c_size(s.align(b)) / parse_budget("6KB").value for b in s.bits]
+    assert all(0.95 < c <= 1.0 for c in costs)  # width-aligned like every candidate
+    more = create_strategy("fidelity", space, parse_budget("6KB"), candidates=18,
+                           steps=[5, 10], mixes="halves")
+    assert [more.label(i) for i in range(16, 18)] == ["mixed-16", "mixed-17"]  # 4 + 12, then
+    with pytest.raises(QSearchError, match="fidelity mixes 'ends' not known: use one of "
+                       "random, halves, e.g. --mixes halves"):
+        create_strategy("fidelity", space, parse_budget("6KB"), steps=[5, 10], mixes="ends")
+
+
 def qsearch(*args):
     return subprocess.run([sys.executable, "-m", "qsearch.cli", *args], capture_output=True,
                           text=True, timeout=400, env={**os.environ})
@@ -143,7 +160,8 @@ def qsearch(*args):
 def test_bad_values_are_refused_before_anything_is_written(tmp_path):
     out = tmp_path / "fid"
     for bad, what in ((["--steps", "5,x"], "--steps '5,x'"), (["--candidates", "1"], "= 1"),
-                      (["--seeds", "0"], "seeds = 0"), (["--format", "html"], "html")):
+                      (["--seeds", "0"], "seeds = 0"), (["--format", "html"], "html"),
+                      (["--mixes", "ends"], "mixes 'ends' not known")):
         r = qsearch("fidelity", "--budget", "6KB", "--out", str(out), *bad)
         assert r.returncode == 2 and what in r.stderr and len(r.stderr.splitlines()) == 1
     assert not out.exists()
