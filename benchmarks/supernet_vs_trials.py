@@ -46,7 +46,7 @@ def searches(root: Path) -> pd.DataFrame:
         spec = read_spec(Path(e["dir"]) / SPEC_FILE)
         cpu_s = search_cpu_seconds(df[df.experiment_dir == e["dir"]], looked_up)
         if spec.evaluator == "supernet":
-            cpu_s += trained.get(_supernet_of(e["dir"]), median_training)
+            cpu_s += trained.get(_supernet_of(spec), median_training)
         rows.append({"strategy": spec.strategy, "way": spec.evaluator, "seed": spec.seed,
                      "test_acc": 100 * e["test_acc_mean"], "cpu_h": cpu_s / 3600,
                      "evaluations": e["trials"]})
@@ -57,8 +57,7 @@ def searches(root: Path) -> pd.DataFrame:
     return out
 
 
-def _supernet_of(experiment_dir: str) -> Path:
-    spec = read_spec(Path(experiment_dir) / SPEC_FILE)
+def _supernet_of(spec) -> Path:
     return supernet_dir(spec, space_from_spec(spec), parse_budget(spec.budget))
 
 
@@ -74,7 +73,7 @@ def supernet_trainings(df: pd.DataFrame) -> tuple[dict[Path, float], float]:
             "experiment_dir", "metrics", "wall_seconds")), strict=True):
         m = json.loads(text or "{}")
         if m.get("cpu_seconds") is not None and m.get("train_seconds", 0) <= wall:
-            trained[_supernet_of(d)] = m["cpu_seconds"]
+            trained[_supernet_of(read_spec(Path(d) / SPEC_FILE))] = m["cpu_seconds"]
     return trained, float(np.median(list(trained.values()))) if trained else np.nan
 
 
