@@ -303,16 +303,27 @@ class Runner:
         failed = failed_count(rows)
         best = self.best()
         elapsed = time.time() - self.t0
-        limit = self.strategy.expected_trials() or 0
-        here = len(rows) - self.finished_before
-        own = time.time() - (self.first_start or self.t0)  # not an earlier stage's time
-        eta = own / here * (limit - len(rows)) if here > 0 and limit > len(rows) else None
         reports = [e.get("last_report") or {} for e in self.live.values()]
         at = tuple(sorted((int(r["step"]), int(r["total_steps"])) for r in reports
                           if "step" in r and "total_steps" in r))
         return Snapshot(len(rows) - failed, len(self.live), failed,
                         best["val_acc"] if best else None, best["c_size"] if best else None,
-                        elapsed, eta, at)
+                        elapsed, self._eta(rows, at), at)
+
+    def _eta(self, rows: list[dict], at: tuple) -> float | None:
+        """Seconds left at this sitting's pace, from this stage's own time (not an earlier
+        stage's): by training steps when the strategy knows its trials' differing lengths
+        (the running trials' steps so far included), else by trials."""
+        own = time.time() - (self.first_start or self.t0)
+        total = self.strategy.expected_steps()
+        if total:
+            running = sum(step for step, _ in at)
+            here = sum(r.get("steps") or 0 for r in rows[self.finished_before:]) + running
+            left = total - sum(r.get("steps") or 0 for r in rows) - running
+        else:
+            here = len(rows) - self.finished_before
+            left = (self.strategy.expected_trials() or 0) - len(rows)
+        return own / here * left if here > 0 and left > 0 else None
 
     def progress(self) -> None:
         self.display.progress(self.snapshot())

@@ -164,6 +164,12 @@ class Strategy(ABC):
         the trial limit."""
         return self.max_trials
 
+    def expected_steps(self) -> int | None:
+        """The training steps of all this search's trials together, when its trials differ
+        in length and it knows them (the progress ETA then counts steps, not trials);
+        default None: the trials are alike."""
+        return None
+
     def align(self, bits, a_bits: int | None = None) -> Candidate:
         """Bits (any form ``SearchSpace.candidate`` takes) width-aligned to the budget; on a
         fixed-width model, lowered until they fit (HAQ's rule, ``SearchSpace.lower_to_fit``)

@@ -139,6 +139,10 @@ class Fidelity(GridStrategy):
             "candidate_index": i, "label": self.label(i), "unit": self.unit,
             "length": length, "reference": self.lengths[-1], "seed_offset": s})
 
+    def expected_steps(self) -> int | None:
+        """Each cell trains its length (the trial length is the longest one)."""
+        return sum(length for length, _, _ in self.cells) if self.unit == "steps" else None
+
     def summary(self) -> dict:
         return {"unit": self.unit, "lengths": self.lengths,
                 "candidates": [self.label(i) for i in range(len(self.bits))]}

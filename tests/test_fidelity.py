@@ -124,6 +124,10 @@ def test_strategy_proposes_every_cell_once_and_survives_a_round_trip(space):
         again.tell(str(i), Result("failed", error="x") if i == 7 else Result("ok", 0.5))
     assert sorted(seen) == [(n, c, s) for n in (5, 10) for c in range(3) for s in range(2)]
     assert again.ask("x") == FINISHED and again.ask("y") == FINISHED
+    assert s.expected_steps() == (5 + 10) * 3 * 2  # each cell trains its length (ETA)
+    epochs = create_strategy("fidelity", space, parse_budget("6KB"), candidates=3,
+                             epochs=[1, 2])
+    assert epochs.expected_steps() is None  # steps per epoch unknown here: count trials
 
 
 def test_mixed_candidates_are_distinct_and_bad_options_refused(space):

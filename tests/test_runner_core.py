@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -188,6 +189,29 @@ def test_eta_counts_this_stages_trials_not_the_time_before_them(tmp_path):
     execute(runner, 2, "eta")
     second = [snap for snap in seen if snap.done == 1]
     assert second and all(snap.elapsed_s > 1000 and snap.eta_s < 100 for snap in second)
+
+
+def test_eta_counts_steps_when_the_trials_differ_in_length(tmp_path):
+    s, seen = spec(tmp_path), []  # two trials of 12 steps, reporting every 4
+
+    class Longer(StopAtFirstReport):  # as if a 96-step trial came after them
+        def should_stop(self, trial_id, metrics):
+            seen.append(runner.snapshot())
+            return False
+
+        def expected_steps(self):
+            return 2 * 12 + 96
+
+    (tmp_path / "exp").mkdir()
+    base = Runner(s, tmp_path / "exp", inline=True, display=Display(stream=io.StringIO()))
+    runner = Runner(s, tmp_path / "exp", inline=True, strategy=Longer(base.strategy),
+                    display=Display(stream=io.StringIO()))
+    runner.first_start = time.time() - 100.0  # this stage's trials began 100 s ago
+    execute(runner, 2, "eta")
+    # second trial at step 4: 16 steps done, 104 left -> 6.5x the stage's time (100 s and
+    # the seconds these tiny trials took); counting trials would say 1x
+    (at4,) = [snap for snap in seen if snap.done == 1 and snap.at_steps == ((4, 12),)]
+    assert 650 <= at4.eta_s < 800
 
 
 def test_a_resumed_trial_counts_the_cpu_time_before_its_restart(tmp_path):
