@@ -60,16 +60,48 @@ def trial_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
-def mean_accuracies(rows: list[dict]) -> dict[float, dict[int, float]]:
-    """length -> candidate index -> mean validation accuracy over its successful seeds."""
+def accuracies(rows: list[dict]) -> dict[float, dict[int, list[float]]]:
+    """length -> candidate index -> validation accuracies of its successful seeds."""
     accs: dict[float, dict[int, list[float]]] = {}
     for r in rows:
         acc = r.get("val_acc")
         if r.get("status") in ("ok", "stopped") and acc is not None and math.isfinite(acc):
             m = r["metrics"]
             accs.setdefault(m["length"], {}).setdefault(m["candidate_index"], []).append(acc)
+    return accs
+
+
+def mean_accuracies(rows: list[dict]) -> dict[float, dict[int, float]]:
+    """length -> candidate index -> mean validation accuracy over its successful seeds."""
     return {length: {i: float(np.mean(a)) for i, a in by.items()}
-            for length, by in accs.items()}
+            for length, by in accuracies(rows).items()}
+
+
+def candidate_table(rows: list[dict], unit: str = "steps") -> str:
+    """Markdown: each candidate's rank and validation accuracy at every length (mean, and
+    the sample std over seeds where there are several), best at the longest first."""
+    accs, means = accuracies(rows), mean_accuracies(rows)
+    lengths = sorted(accs)
+    if not lengths:
+        return ""
+    ranks = {n: {i: k + 1 for k, i in enumerate(sorted(by, key=lambda i: (-by[i], i)))}
+             for n, by in means.items()}
+    labels = {r["metrics"]["candidate_index"]: r["metrics"].get("label", "?") for r in rows}
+    ref = means[lengths[-1]]
+    order = sorted(labels, key=lambda i: (i not in ref, -ref.get(i, 0.0), i))
+
+    def cell(n: float, i: int) -> str:
+        a = accs[n].get(i)
+        if not a:
+            return "-"
+        spread = f" ± {np.std(a, ddof=1):.2%}" if len(a) > 1 else ""
+        return f"#{ranks[n][i]} {np.mean(a):.2%}{spread} ({len(a)})"
+
+    head = ["candidate", *(f"{n:g} {unit}" for n in lengths)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join([labels[i], *(cell(n, i) for n in lengths)]) + " |"
+              for i in order]
+    return "\n".join(lines + ["", "#rank at that length, mean val acc ± std over seeds (n)."])
 
 
 def kendall_tau(x: list[float], y: list[float]) -> float:
@@ -192,6 +224,7 @@ def experiment_report(directory: str | Path, fmt: str = "table") -> str:
     title = (f"Proxy fidelity: {spec.model} on {spec.dataset} at {at}, "
              f"{kw.get('candidates', 12)} candidates x {kw.get('seeds', 1)} seed(s)")
     text = format_report(report, unit=unit, title=title, fmt=fmt)
+    text += f"\n\nCandidates, best at the longest length first:\n\n{candidate_table(rows, unit)}"
     noise = format_noise(noise_report(rows), unit=unit)
     return text + (f"\n\nSeed noise against trial length:\n\n{noise}" if noise else "")
 

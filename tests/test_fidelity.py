@@ -15,10 +15,12 @@ from qsearch.budget import parse_budget
 from qsearch.fidelity import (
     bootstrap_ci,
     budget_report,
+    candidate_table,
     cpu_hours,
     fidelity_report,
     format_budget_report,
     format_report,
+    trial_rows,
 )
 from qsearch.space import SearchSpace
 from qsearch.strategy import FINISHED, Result, create_strategy
@@ -79,6 +81,17 @@ def test_table_says_cannot_tell_and_markdown_works():
         format_report(noisy, fmt="html")
     with pytest.raises(QSearchError, match="qsearch fidelity"):
         fidelity_report([{"stage": "search", "metrics": "{}"}])
+
+
+def test_candidate_table_ranks_each_length_with_its_seed_spread():
+    rows = trial_rows(rows_for([0.9, 0.5, 0.7], [0.6, 0.8, 0.7])
+                      + [row(900, 1, 0.7, seed=1), row(100, 2, 0.1, status="failed")])
+    lines = candidate_table(rows).splitlines()
+    assert lines[0] == "| candidate | 100 steps | 900 steps |"
+    assert lines[2:5] == ["| c1 | #3 50.00% (1) | #1 75.00% ± 7.07% (2) |",
+                          "| c2 | #2 70.00% (1) | #2 70.00% (1) |",
+                          "| c0 | #1 90.00% (1) | #3 60.00% (1) |"]
+    assert candidate_table([]) == ""
 
 
 def with_bits(rows, bits_of=lambda i: [8, i % 4 + 1, 8]):
@@ -195,6 +208,7 @@ def test_end_to_end_run_stores_rows_and_prints_the_table(tmp_path):
     both = qsearch("fidelity", "--compare", str(out), str(big))
     assert both.returncode == 0, both.stderr
     assert "ranking at 6KB against 8KB" in both.stdout and "| 10 | 3 |" in both.stdout
+    assert "| uniform-1b | #" in r.stdout  # the candidate table
     md = qsearch("fidelity", "--report", str(out), "--format", "md")
     assert md.returncode == 0 and "| steps | trials |" in md.stdout
     assert math.isfinite(float(md.stdout.split("| 5 | 3 | ")[1].split(" |")[0]))  # CPU-h
