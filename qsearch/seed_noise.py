@@ -20,6 +20,7 @@ scipy is imported inside the functions that need it; Ray-free.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from itertools import combinations
 
@@ -83,10 +84,12 @@ def noise_row(length: float, by_candidate: dict[int, dict[int, float]]) -> Noise
     acc = np.array([[by_candidate[c][s] for s in seeds] for c in cands])
     seed_std = math.sqrt(float(np.mean(np.var(acc, axis=1, ddof=1))))
     diffs, paired, welch = [], 0, 0
-    for i, j in combinations(range(len(cands)), 2):
-        diffs.append(np.var(acc[i] - acc[j], ddof=1))
-        paired += _significant(stats.ttest_rel(acc[i], acc[j]).pvalue)
-        welch += _significant(stats.ttest_ind(acc[i], acc[j], equal_var=False).pvalue)
+    with warnings.catch_warnings():  # near-constant samples: scipy warns, the result stands
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for i, j in combinations(range(len(cands)), 2):
+            diffs.append(np.var(acc[i] - acc[j], ddof=1))
+            paired += _significant(stats.ttest_rel(acc[i], acc[j]).pvalue)
+            welch += _significant(stats.ttest_ind(acc[i], acc[j], equal_var=False).pvalue)
     return NoiseRow(length, len(seeds), len(cands), seed_std,
                     math.sqrt(float(np.mean(diffs))), len(diffs), paired, welch)
 

@@ -1,6 +1,7 @@
 """Seed noise against trial length (qsearch.seed_noise) on hand-made fidelity rows."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -39,6 +40,15 @@ def test_shared_seed_noise_hides_a_gap_from_welch_but_not_from_a_paired_test():
     assert (r.separated_paired, r.separated_welch) == (1, 0)
     (same,) = noise_report(paired_rows(gap=0.0))
     assert same.separated_paired == 0
+
+
+def test_nearly_identical_seeds_give_a_table_without_scipy_warnings():
+    rows = [row(100, c, s, acc) for c, accs in enumerate(([0.8222] * 2, [0.8122] * 2, [0.81, 0.82]))
+            for s, acc in enumerate(accs)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # scipy's precision-loss warning would raise here
+        (r,) = noise_report(rows)
+    assert r.pairs == 3 and r.seeds == 2
 
 
 def test_half_width_is_the_student_t_interval():
