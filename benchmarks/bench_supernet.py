@@ -157,13 +157,16 @@ def report(args, spec, sn, info, lengths, accs, ref, idx, super_acc, full_acc, s
                        [accs[lengths[-1]][i][b] for i in pair]))
     per_eval = float(np.median(seconds))
     search = [r for r in ResultsStore(args.search).rows if r["stage"] == "search"
-              and r["status"] == "ok"]
-    walls = [r["wall_seconds"] for r in search if r["wall_seconds"]]
+              and r["status"] == "ok"]  # evaluations made, not kept ones looked up
+    walls = [r["wall_seconds"] for r in search if r["wall_seconds"]
+             and not json.loads(r["metrics"] or "{}").get("eval_cached")]
     t_sn, t_alone = step_ratio(sn, args.steps)
+    ray = (f"{np.median(walls):.2f} s median wall per trial = "
+           f"{3600 / np.median(walls):.0f} per CPU-hour" if walls else
+           "none to time: every evaluation was a kept one, looked up")
     print(f"\nEvaluation: {per_eval:.2f} s median per candidate in this process (one thread)"
           f" = {3600 / per_eval:.0f} evaluations per CPU-hour; through Ray Tune in the search "
-          f"({len(walls)} trials): {np.median(walls):.2f} s median wall per trial = "
-          f"{3600 / np.median(walls):.0f} per CPU-hour")
+          f"({len(walls)} of {len(search)} trials evaluated, not looked up): {ray}")
     print(f"Supernet training: {info['steps']} steps in {info['train_seconds'] / 60:.1f} min "
           f"({json.dumps(spec.supernet_train)}); step {t_sn:.3f} s against {t_alone:.3f} s "
           f"for the widest candidate alone: {t_sn / t_alone:.2f}x")
