@@ -71,16 +71,18 @@ def accuracies(rows: list[dict]) -> dict[float, dict[int, list[float]]]:
     return accs
 
 
-def mean_accuracies(rows: list[dict]) -> dict[float, dict[int, float]]:
-    """length -> candidate index -> mean validation accuracy over its successful seeds."""
+def mean_accuracies(rows: list[dict], accs: dict | None = None) -> dict[float, dict[int, float]]:
+    """length -> candidate index -> mean validation accuracy over its successful seeds
+    (from ``accs``, the rows' :func:`accuracies`, when already at hand)."""
     return {length: {i: float(np.mean(a)) for i, a in by.items()}
-            for length, by in accuracies(rows).items()}
+            for length, by in (accs if accs is not None else accuracies(rows)).items()}
 
 
 def candidate_table(rows: list[dict], unit: str = "steps") -> str:
     """Markdown: each candidate's rank and validation accuracy at every length (mean, and
     the sample std over seeds where there are several), best at the longest first."""
-    accs, means = accuracies(rows), mean_accuracies(rows)
+    accs = accuracies(rows)
+    means = mean_accuracies(rows, accs)
     lengths = sorted(accs)
     if not lengths:
         return ""
@@ -95,7 +97,7 @@ def candidate_table(rows: list[dict], unit: str = "steps") -> str:
         if not a:
             return "-"
         spread = f" ± {np.std(a, ddof=1):.2%}" if len(a) > 1 else ""
-        return f"#{ranks[n][i]} {np.mean(a):.2%}{spread} ({len(a)})"
+        return f"#{ranks[n][i]} {means[n][i]:.2%}{spread} ({len(a)})"
 
     head = ["candidate", *(f"{n:g} {unit}" for n in lengths)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -38,7 +38,7 @@ from qsearch import QSearchError
 from qsearch.budget import format_cost
 from qsearch.candidate import bit_summary
 from qsearch.files import FINAL_FILE, SPEC_FILE
-from qsearch.seed_noise import retrain_noise
+from qsearch.seed_noise import quiet_ttests, retrain_noise
 from qsearch.store import ResultsStore
 
 FORMATS = ("table", "md", "csv", "json")
@@ -206,13 +206,10 @@ def _interval(accs: Sequence[float]) -> tuple[float | None, float | None]:
 def _compare(a: dict[str, Any], b: dict[str, Any]) -> tuple[str, Any]:
     """(test name, scipy TtestResult) for a - b: paired on the per-seed differences when both
     ran the same seeds (the shared seed noise cancels), else Welch's unequal-variance test."""
-    import warnings
-
     from scipy import stats
 
     sa, sb = a["final_by_seed"], b["final_by_seed"]
-    with warnings.catch_warnings():  # near-constant samples: scipy warns, the result stands
-        warnings.simplefilter("ignore", RuntimeWarning)
+    with quiet_ttests():
         if sa is not None and sb is not None and set(sa) == set(sb):
             order = sorted(sa)
             return PAIRED, stats.ttest_rel([sa[k] for k in order], [sb[k] for k in order])

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import combinations
 
@@ -72,6 +74,15 @@ def accuracy_grid(rows: list[dict]) -> dict[float, dict[int, dict[int, float]]]:
     return grid
 
 
+@contextmanager
+def quiet_ttests() -> Iterator[None]:
+    """scipy's t-tests warn of precision loss on nearly identical samples (two seeds with
+    the same accuracy); the result stands, so the warning is not shown."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
+
+
 def noise_row(length: float, by_candidate: dict[int, dict[int, float]]) -> NoiseRow | None:
     """The :class:`NoiseRow` of one length over the seed offsets all candidates share;
     None when fewer than two seeds or two candidates remain."""
@@ -84,8 +95,7 @@ def noise_row(length: float, by_candidate: dict[int, dict[int, float]]) -> Noise
     acc = np.array([[by_candidate[c][s] for s in seeds] for c in cands])
     seed_std = math.sqrt(float(np.mean(np.var(acc, axis=1, ddof=1))))
     diffs, paired, welch = [], 0, 0
-    with warnings.catch_warnings():  # near-constant samples: scipy warns, the result stands
-        warnings.simplefilter("ignore", RuntimeWarning)
+    with quiet_ttests():
         for i, j in combinations(range(len(cands)), 2):
             diffs.append(np.var(acc[i] - acc[j], ddof=1))
             paired += _significant(stats.ttest_rel(acc[i], acc[j]).pvalue)
