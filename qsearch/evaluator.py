@@ -180,7 +180,8 @@ def supernet_train(ctx: TaskContext) -> Result:
     res = ctx.train_model(model, hooks=SandwichHooks(supernet))
     last = res.history[-1] if res.history else {}
     metrics = {k: v for k, v in last.items() if k.startswith("val_acc_")}
-    metrics.update(train_seconds=res.train_seconds, steps=res.steps, evaluator="supernet")
+    metrics.update(train_seconds=res.train_seconds, steps=res.steps, evaluator="supernet",
+                   resumed_from_step=(ctx.restored or {}).get("step", 0))
     if res.status == "ok" and ctx.lead:
         directory.mkdir(parents=True, exist_ok=True)
         tmp = directory / f".{WEIGHTS_FILE}.{os.getpid()}"

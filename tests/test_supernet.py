@@ -4,8 +4,10 @@ weights and resumes exactly, and ``qsearch run --evaluator supernet`` runs its s
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pandas as pd
 import pytest
@@ -222,3 +224,96 @@ def test_only_one_process_trains_a_supernet(tmp_path):
         os.close(fd)
     assert [p.name for p in runner.supernet_dir.iterdir()] == [LOCK_FILE]  # nothing trained
     assert not (tmp_path / "exp" / "results.parquet").exists()
+
+
+@pytest.mark.parametrize("model", ["resnet20", "mobilenetv2-cifar", "vgg11-c"])
+def test_a_cut_out_candidate_has_exactly_its_own_layer_shapes_and_c_size(model):
+    """Eq. 6 of the DualPrecision paper counted on the cut-out network's own weights."""
+    from qsearch.qlayers import quantize_model
+
+    space = SearchSpace(model, "synthetic")
+    sn = Supernet(space, Budget("size", space.cost(space.candidate(8, width=0.3), "size")))
+    net = sn.build()
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        cand = sn.sample(generator)
+        cut = sn.extract(net, cand)
+        own = quantize_model(space.build(cand), space.layer_bits(cand), cand.a_bits)
+        assert {k: v.shape for k, v in cut.state_dict().items()} == \
+            {k: v.shape for k, v in own.state_dict().items()}
+        c_size = sum(bits * cut.get_submodule(name).weight.numel()
+                     for name, bits in space.layer_bits(cand).items())
+        assert c_size == space.cost(cand, "size") <= sn.budget.value
+
+
+def test_an_evaluation_is_deterministic_under_a_seed(splits):
+    def trained(seed):
+        sn = supernet()
+        torch.manual_seed(seed)
+        net = sn.build()
+        train(net, splits, TrainConfig(steps=12, batch_size=32, seed=seed),
+              hooks=SandwichHooks(sn))
+        return sn, net.eval()
+
+    sn, net = trained(0)
+    cand = sn.sample(torch.Generator().manual_seed(3))
+    weights = {k: v.clone() for k, v in net.state_dict().items()}
+    first = evaluate_candidate(sn, net, cand, splits)
+    torch.manual_seed(123)  # the global RNG elsewhere does not matter
+    assert evaluate_candidate(sn, net, cand, splits) == first
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in weights.items())  # untouched
+    again, net_again = trained(0)
+    assert evaluate_candidate(again, net_again, cand, splits) == first
+    other, net_other = trained(1)
+    assert evaluate_candidate(other, net_other, cand, splits) != first
+
+
+def test_the_cache_key_changes_when_any_of_its_inputs_changes(tmp_path):
+    from dataclasses import replace
+
+    from qsearch.evaluator import supernet_dir
+    from qsearch.planning import plan_budgets
+    from qsearch.spec import Spec, space_from_spec
+
+    def key(spec: Spec):
+        space = space_from_spec(spec)
+        return supernet_dir(spec, space, plan_budgets(spec, space).search)
+
+    base = Spec(strategy="random", dataset="synthetic", budget="6KB", evaluator="supernet",
+                supernet_cache=str(tmp_path), train={"steps": 20})
+    assert key(base).parent == tmp_path
+    same = [replace(base, strategy="tpe", trials=50, top_k=5, train={"steps": 300})]
+    assert {key(s) for s in same} == {key(base)}  # search settings: the same supernet
+    changed = [replace(base, model="resnet32"), replace(base, dataset="fashion-mnist"),
+               replace(base, bit_choices=[2, 4, 8]), replace(base, a_bits=8),
+               replace(base, budget="8KB"), replace(base, supernet_train={"epochs": 3.0}),
+               replace(base, seed=1), replace(base, data={"val_fraction": 0.2})]
+    keys = [key(s) for s in changed]
+    assert len(set(keys)) == len(keys) and key(base) not in keys
+
+
+def test_a_killed_supernet_training_resumes_from_its_checkpoint(tmp_path):
+    out, cache = tmp_path / "killed", tmp_path / "supernets"
+    cmd = [*QS, "run", "--strategy", "random", *TINY, "--trials", "2", "--evaluator",
+           "supernet", "--supernet-epochs", "12", "--supernet-cache", str(cache), "--top-k",
+           "1", "--final-seeds", "1", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True,
+                            env={**os.environ, "QSEARCH_CHECKPOINT_EVERY": "1"})
+    deadline = time.time() + 240
+    while not list(out.glob("tune*/*/*/checkpoint_*")) and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(2)  # a checkpoint or two more
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
+    proc.wait()
+    assert list(out.glob("tune*/*/*/checkpoint_*")), "no supernet checkpoint in time"
+    assert not list(cache.glob("*/supernet.pt"))  # killed before the end
+    r = qsearch("resume", str(out))
+    assert r.returncode == 0, r.stderr
+    df = pd.read_parquet(out / "results.parquet")
+    (trained,) = df[df.stage == "supernet"].itertuples()
+    metrics = json.loads(trained.metrics)
+    assert trained.status == "ok" and 0 < metrics["resumed_from_step"] < trained.steps
+    assert list(cache.glob("*/supernet.pt"))
+    assert df.groupby("stage").size().to_dict() == {"supernet": 1, "search": 2, "topk": 1,
+                                                    "final": 1}
