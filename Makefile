@@ -31,7 +31,7 @@ demo: install dataset
 	$(QS) run --strategy uniform --budget 32KB --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: install dataset
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-slow: install dataset
 	$(PY) -m pytest -q -m slow
