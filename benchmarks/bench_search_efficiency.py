@@ -26,11 +26,13 @@ A search that never reaches the reference within ``B`` is reported as ">1". Fini
 searches are reused when the same command runs again; an interrupted one is run again from
 the start (its time budget must be whole to be comparable).
 
-Example (18 searches of 5 min, two at a time: ~50 min)::
+Size it so every search gets about 10 full-length trials (fewer cannot show TPE or HAQ
+against random: TPE's first 5 are random). Example (18 searches of 10 min, two at a time:
+1h40m here; the figures in docs/results/multi-fidelity.md)::
 
-    python benchmarks/bench_search_efficiency.py --budget 32KB --max-steps 270 \\
-        --min-steps 30 --time-budget 5m --seeds 0,1,2 --parallel 2 \\
-        --out runs/bench-search-efficiency
+    python benchmarks/bench_search_efficiency.py --budget 32KB --max-steps 162 \\
+        --min-steps 54 --reduction-factor 3 --time-budget 10m --seeds 0,1,2 --parallel 2 \\
+        --out runs/bench-search-efficiency-162
 """
 
 from __future__ import annotations
@@ -147,11 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="resnet20")
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--data-root", default=None)
-    p.add_argument("--max-steps", type=int, default=270, help="full trial length")
-    p.add_argument("--min-steps", type=int, default=30, help="ASHA's first rung")
+    p.add_argument("--max-steps", type=int, default=162, help="full trial length")
+    p.add_argument("--min-steps", type=int, default=54, help="ASHA's first rung")
     p.add_argument("--reduction-factor", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--time-budget", default="5m", help="wall time of each search")
+    p.add_argument("--time-budget", default="10m", help="wall time of each search")
     p.add_argument("--parallel", type=int, default=1, help="searches run at once")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--strategies", default="random,tpe,haq")
