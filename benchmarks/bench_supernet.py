@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -47,6 +46,7 @@ from qsearch.evaluator import WEIGHTS_FILE, cached_info, supernet_dir
 from qsearch.fidelity import bootstrap_ci, kendall_tau, trial_rows
 from qsearch.planning import plan_budgets
 from qsearch.qlayers import quantize_model
+from qsearch.seed_noise import accuracy_grid
 from qsearch.spec import read_spec, space_from_spec
 from qsearch.store import ResultsStore
 from qsearch.supernet import EVAL_IMAGES, SandwichHooks, Supernet, evaluate_candidate
@@ -69,15 +69,9 @@ def load_supernet(search: Path):
 def reference(fidelity: Path) -> tuple[dict, dict, dict]:
     """Per candidate index: its candidate, labels, accuracies by (length, seed offset)."""
     rows = trial_rows(ResultsStore(fidelity).rows)
-    cands, labels, accs = {}, {}, {}
-    for r in rows:
-        m = r["metrics"]
-        i = m["candidate_index"]
-        cands[i], labels[i] = Candidate.from_json(r["candidate"]), m.get("label", "?")
-        if r["status"] == "ok" and r["val_acc"] is not None and math.isfinite(r["val_acc"]):
-            accs.setdefault(m["length"], {}).setdefault(i, {})[m.get("seed_offset", 0)] = \
-                r["val_acc"]
-    return cands, labels, accs
+    cands = {r["metrics"]["candidate_index"]: Candidate.from_json(r["candidate"]) for r in rows}
+    labels = {r["metrics"]["candidate_index"]: r["metrics"].get("label", "?") for r in rows}
+    return cands, labels, accuracy_grid([r for r in rows if r["status"] == "ok"])
 
 
 def tau_line(name: str, x: list[float], y: list[float]) -> str:

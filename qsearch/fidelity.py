@@ -71,18 +71,20 @@ def accuracies(rows: list[dict]) -> dict[float, dict[int, list[float]]]:
     return accs
 
 
-def mean_accuracies(rows: list[dict], accs: dict | None = None) -> dict[float, dict[int, float]]:
-    """length -> candidate index -> mean validation accuracy over its successful seeds
-    (from ``accs``, the rows' :func:`accuracies`, when already at hand)."""
-    return {length: {i: float(np.mean(a)) for i, a in by.items()}
-            for length, by in (accs if accs is not None else accuracies(rows)).items()}
+def mean_accuracies(rows: list[dict]) -> dict[float, dict[int, float]]:
+    """length -> candidate index -> mean validation accuracy over its successful seeds."""
+    return _means(accuracies(rows))
+
+
+def _means(accs: dict[float, dict[int, list[float]]]) -> dict[float, dict[int, float]]:
+    return {length: {i: float(np.mean(a)) for i, a in by.items()} for length, by in accs.items()}
 
 
 def candidate_table(rows: list[dict], unit: str = "steps") -> str:
     """Markdown: each candidate's rank and validation accuracy at every length (mean, and
     the sample std over seeds where there are several), best at the longest first."""
     accs = accuracies(rows)
-    means = mean_accuracies(rows, accs)
+    means = _means(accs)
     lengths = sorted(accs)
     if not lengths:
         return ""
