@@ -17,7 +17,7 @@ from qsearch import QSearchError
 from qsearch.console import Display, plan_lines, start_lines, summary_lines
 from qsearch.evaluator import SupernetTraining, TopK, cached_info
 from qsearch.files import FINAL_FILE, LOCK_FILE, RESULTS_FILE, SPEC_FILE, SUMMARY_FILE
-from qsearch.final import FinalRetrain, final_candidate, seed_summary
+from qsearch.final import FinalRetrain, earlier_retrains, final_candidate, reuse_line, seed_summary
 from qsearch.planning import check_writable, plan_budgets, validate_run_settings
 from qsearch.runner import Runner, StateFile, connect, execute, failed_count
 from qsearch.schedule import rung_counts
@@ -242,8 +242,12 @@ def run_final(search: Runner) -> Runner | None:
         if found is None:
             return None
         cand = found[1]
+    reuse = {k: r for k, r in earlier_retrains(out, spec, cand).items()
+             if k < spec.final_seeds}
     strategy = FinalRetrain(search.space, search.budgets.target, candidate=cand,
-                            seeds=spec.final_seeds, seed=spec.seed)
+                            seeds=spec.final_seeds, seed=spec.seed, reuse=reuse)
+    if reuse:
+        search.display.say(reuse_line(reuse))
     final = _stage(search, "final", strategy, f"final: retraining the chosen candidate at "
                    f"{search.budgets.target} with {spec.final_seeds} seed"
                    f"{'s' * (spec.final_seeds > 1)} "

@@ -66,7 +66,8 @@ def run_trial(config: dict[str, Any], *, report: ReportFn, restored: dict | None
                       checkpoint_every_s=checkpoint_every_s, shard=shard,
                       execution=Execution(bf16=spec.bf16, channels_last=spec.channels_last),
                       pin_memory=spec.pin_memory, checkpoint=spec.checkpoint)
-    result = get_task(proposal.task)(ctx)
+    reused = proposal.params.get("reuse")  # the same retrain, stored by another experiment
+    result = Result.from_dict(reused) if reused else get_task(proposal.task)(ctx)
     final = final_report(result, node=node, seconds=time.perf_counter() - start)
     if shard is None:
         final["cpu_seconds"] = time.process_time() - cpu_start

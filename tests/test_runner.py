@@ -109,7 +109,7 @@ def test_second_run_while_the_first_is_running_is_refused(tmp_path):
 def test_resume_after_driver_killed(tmp_path):
     out = tmp_path / "resume"
     cmd = [*QS, "run", "--strategy", "uniform", "--budget", "6KB", *TINY[:-4],
-           "--steps", "150", "--batch-size", "32", "--bit-choices", "1,2,3,4,5,6,7,8",
+           "--steps", "80", "--batch-size", "32", "--bit-choices", "1,2,3,4,5,6,7,8",
            "--trials", "8", "--concurrency", "1", "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -145,7 +145,7 @@ def test_ctrl_c_stops_a_recipe_rather_than_its_experiment(tmp_path):
     recipe = tmp_path / "r.yaml"
     root = tmp_path / "recipe"
     recipe.write_text(f"strategy: uniform\nmodel: resnet20\ndataset: synthetic\n"
-                      f"train: {{steps: 800, batch_size: 32}}\nout: {root}\n"
+                      f"train: {{steps: 400, batch_size: 32}}\nout: {root}\n"
                       "matrix: {budget: [6KB, 7KB]}\n")
     proc = subprocess.Popen([*QS, "run", str(recipe), "--trials", "1"], text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -128,6 +128,40 @@ def test_the_final_line_gives_a_seed_spread_only_for_several_seeds(tmp_path):
         assert line.endswith(words) and ("+-" in line) == (seeds > 1), line
 
 
+def test_a_final_retrain_another_experiment_of_the_recipe_made_is_reused(tmp_path):
+    """Two experiments that differ only in search settings pick the same candidate: the
+    second reuses the first's stored seeds and trains only the seed it lacks; a different
+    final recipe (or a directory elsewhere) shares nothing."""
+    final = {"steps": 4, "batch_size": 32}
+    quiet = Display(stream=io.StringIO())
+    first = run_experiment(spec(tmp_path, out=str(tmp_path / "r" / "a"), trials=1,
+                                strategy_kwargs={"bits": [2]}, final_seeds=2,
+                                final_train=final), inline=True, display=quiet)
+    out = io.StringIO()
+    second = run_experiment(spec(tmp_path, out=str(tmp_path / "r" / "b"), trials=1,
+                                 strategy_kwargs={"bits": [2]}, final_seeds=3, final_train=final,
+                                 train={"steps": 8, "batch_size": 32}),
+                            inline=True, display=Display(stream=out, live=False))
+    assert "seed offsets 0, 1 retrained before by a" in out.getvalue()
+
+    def finals(runner) -> dict[int, dict]:
+        return {r["seed"]: r for r in ResultsStore(runner.out).rows if r["stage"] == "final"}
+
+    made, got = finals(first), finals(second)
+    assert sorted(got) == [0, 1, 2] and {r["status"] for r in got.values()} == {"ok"}
+    for seed in (0, 1):
+        assert json.loads(got[seed]["metrics"])["reused_from"] == \
+            f"a/{made[seed]['trial_id']}"
+        assert (got[seed]["test_acc"], got[seed]["val_acc"], got[seed]["candidate"]) == \
+            (made[seed]["test_acc"], made[seed]["val_acc"], made[seed]["candidate"])
+    assert "reused_from" not in json.loads(got[2]["metrics"])  # trained here
+    other = run_experiment(spec(tmp_path, out=str(tmp_path / "r" / "c"), trials=1,
+                                strategy_kwargs={"bits": [2]}, final_seeds=1,
+                                final_train={"steps": 6, "batch_size": 32}),
+                           inline=True, display=quiet)
+    assert not any("reused_from" in r["metrics"] for r in finals(other).values())
+
+
 class StopAtFirstReport:
     """Wraps a strategy: every trial is asked to stop at its first intermediate report."""
 

@@ -295,7 +295,7 @@ def test_the_cache_key_changes_when_any_of_its_inputs_changes(tmp_path):
 def test_a_killed_supernet_training_resumes_from_its_checkpoint(tmp_path):
     out, cache = tmp_path / "killed", tmp_path / "supernets"
     cmd = [*QS, "run", "--strategy", "random", *TINY, "--trials", "2", "--evaluator",
-           "supernet", "--supernet-epochs", "12", "--supernet-cache", str(cache), "--top-k",
+           "supernet", "--supernet-epochs", "6", "--supernet-cache", str(cache), "--top-k",
            "1", "--final-seeds", "1", "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True,
