@@ -152,13 +152,23 @@ def cmd_export(args) -> None:
 def cmd_leaderboard(args) -> None:
     from qsearch.leaderboard import format_leaderboard, leaderboard, load_experiments
 
-    print(format_leaderboard(leaderboard(load_experiments(args.dirs)), args.format))
+    entries = leaderboard(load_experiments(args.dirs), tolerance=fill_rule(args.min_fill))
+    print(format_leaderboard(entries, args.format))
 
 
 def cmd_report(args) -> None:
     from qsearch.report import build_report
 
-    print(f"report written to {build_report(args.dirs, args.output)}")
+    path = build_report(args.dirs, args.output, tolerance=fill_rule(args.min_fill))
+    print(f"report written to {path}")
+
+
+def fill_rule(min_fill: float) -> tuple[float, float]:
+    """The cost range, as fractions of the budget, within which entries are ranked."""
+    if not 0 < min_fill <= 1:
+        raise QSearchError(f"--min-fill {min_fill} out of range: give the smallest fraction "
+                           "of the budget a ranked entry fills, in (0, 1], e.g. 0.98")
+    return min_fill, 1.0
 
 
 # ----- qsearch fidelity ----------------------------------------------------------------
@@ -310,11 +320,15 @@ def build_parser() -> argparse.ArgumentParser:
     lb = sub.add_parser("leaderboard", help="compare strategies at matched size")
     lb.add_argument("dirs", nargs="+", help="experiment directories")
     lb.add_argument("--format", default="table", help="table (default), md, csv or json")
+    fill_help = ("rank entries whose final cost fills at least this fraction of the budget "
+                 "(default 0.99; smaller ones are listed, not ranked)")
+    lb.add_argument("--min-fill", type=float, default=0.99, help=fill_help)
     lb.set_defaults(fn=cmd_leaderboard)
 
     rp = sub.add_parser("report", help="self-contained HTML report with Pareto plots")
     rp.add_argument("dirs", nargs="+", help="experiment directories")
     rp.add_argument("-o", "--output", default="report.html")
+    rp.add_argument("--min-fill", type=float, default=0.99, help=fill_help)
     rp.set_defaults(fn=cmd_report)
 
     fi = sub.add_parser("fidelity", help="train K candidates at several trial lengths and "

@@ -124,6 +124,8 @@ def leaderboard(df: pd.DataFrame, *,
     for group in ranked.values():
         _rank(group)
         _vs_uniform(group)
+    for e in entries:
+        e["fill_rule"] = (lo, hi)
     return sorted(entries, key=lambda e: (
         e["model"], e["dataset"], e["budget_kind"], e["budget_value"],
         e["rank"] is None, e["rank"] or 0, -(e["test_acc_mean"] or 0.0), e["strategy"],
@@ -382,6 +384,10 @@ def footnotes(entries: Sequence[dict[str, Any]]) -> list[str]:
         names = sorted({e[key] for e in which if e[key]}, reverse=True)
         return " / ".join(n + (" on shared seeds" if n == PAIRED else "") for n in names)
     lines = []
+    if any(e["note"] and "of budget: not ranked" in e["note"] for e in entries):
+        lo, hi = entries[0]["fill_rule"]
+        lines.append(f"ranked: entries whose final cost is within [{lo:.0%}, {hi:.0%}] of the "
+                     "budget (matched size; `--min-fill` sets the lower end)")
     shared = [e for e in entries if e["rank_shared"] and e["rank_test"]]
     if shared:
         lines.append(f"=1: not distinguishable from the best at the same budget "

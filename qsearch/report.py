@@ -41,18 +41,21 @@ img { max-width: 100%; display: block; margin: 0.5em 0; }
 """
 
 
-def build_report(dirs: Iterable[str | Path], out_path: str | Path) -> Path:
-    """Write the HTML report of the experiments in ``dirs`` to ``out_path``; return its path."""
+def build_report(dirs: Iterable[str | Path], out_path: str | Path, *,
+                 tolerance: tuple[float, float] = (0.99, 1.0)) -> Path:
+    """Write the HTML report of the experiments in ``dirs`` to ``out_path``; return its path.
+    Entries are ranked when their final cost is within ``tolerance`` x budget."""
     check_writable(out_path, directory=False, what="report file", flag="-o",
                    example="report.html")
     dirs = [Path(d) for d in dirs]
     df = load_experiments(dirs)
-    entries = leaderboard(df)
+    entries = leaderboard(df, tolerance=tolerance)
     colors = _colors(sorted({e["strategy"] for e in entries}))
     parts = ["<h1>qsearch report</h1>",
              f"<p class=cap>{len(dirs)} experiment(s), generated "
              f"{datetime.datetime.now():%Y-%m-%d %H:%M}. Ranked: final retrains whose cost "
-             "is within 99&ndash;100% of the budget; grey rows are flagged and not ranked.</p>",
+             f"is within {tolerance[0]:.0%}&ndash;{tolerance[1]:.0%} of the budget; grey rows are "
+             "flagged and not ranked.</p>",
              "<h2>Leaderboard</h2>", _leaderboard_html(entries)]
     for model, dataset in sorted({(e["model"], e["dataset"]) for e in entries}):
         group = [e for e in entries if (e["model"], e["dataset"]) == (model, dataset)]

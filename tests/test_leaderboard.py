@@ -406,3 +406,25 @@ def test_a_supernet_search_costs_its_supernet_and_retrains_and_chooses_a_retrain
     d = supernet_experiment(tmp_path / "one-seed", trained_here=False, accs=[0.80])
     e = find(leaderboard(load_experiments([d])), "random", "32KB")
     assert e["note"] == "n<2: not ranked, supernet reused: its training not counted"
+
+
+def test_min_fill_sets_which_smaller_entries_are_ranked(tmp_path, capsys):
+    from qsearch.cli import main
+
+    dirs = [str(make_experiment(tmp_path, "uniform", "32KB", None, 1.0, [0.880, 0.884, 0.882])),
+            str(make_experiment(tmp_path, "haq", "32KB", [2, 4] * 10, 0.986,
+                                [0.890, 0.893, 0.891]))]
+    assert main(["leaderboard", *dirs, "--format", "md"]) == 0
+    default = capsys.readouterr().out
+    assert "98.6% of budget: not ranked" in default
+    assert "- ranked: entries whose final cost is within [99%, 100%] of the budget" in default
+    assert main(["leaderboard", *dirs, "--format", "md", "--min-fill", "0.98"]) == 0
+    looser = capsys.readouterr().out
+    (haq,) = [line for line in looser.splitlines() if "| haq |" in line]
+    assert haq.startswith("| 1 |") and "not ranked" not in looser and "+0.93 [" in haq
+    assert main(["report", *dirs, "-o", str(tmp_path / "r.html"), "--min-fill", "0.98"]) == 0
+    assert "within 98%&ndash;100% of the budget" in (tmp_path / "r.html").read_text()
+    for bad in ("0", "1.5"):
+        assert main(["leaderboard", *dirs, "--min-fill", bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and f"--min-fill {float(bad)} out of range" in err
