@@ -248,9 +248,9 @@ def run_final(search: Runner) -> Runner | None:
                             seeds=spec.final_seeds, seed=spec.seed, reuse=reuse)
     if reuse:
         search.display.say(reuse_line(reuse))
+    n = spec.final_seeds - len(reuse)
     final = _stage(search, "final", strategy, f"final: retraining the chosen candidate at "
-                   f"{search.budgets.target} with {spec.final_seeds} seed"
-                   f"{'s' * (spec.final_seeds > 1)} "
+                   f"{search.budgets.target} with {n} seed{'s' * (n != 1)} "
                    f"({json.dumps(spec.final_train)})", state=state, own_clock=True)
     say = final.display.say
     stats = seed_summary(final.rows())

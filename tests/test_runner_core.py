@@ -143,6 +143,7 @@ def test_a_final_retrain_another_experiment_of_the_recipe_made_is_reused(tmp_pat
                                  train={"steps": 8, "batch_size": 32}),
                             inline=True, display=Display(stream=out, live=False))
     assert "seed offsets 0, 1 retrained before by a" in out.getvalue()
+    assert "retraining the chosen candidate at 6KB with 1 seed (" in out.getvalue()
 
     def finals(runner) -> dict[int, dict]:
         return {r["seed"]: r for r in ResultsStore(runner.out).rows if r["stage"] == "final"}
