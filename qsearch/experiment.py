@@ -242,8 +242,7 @@ def run_final(search: Runner) -> Runner | None:
         if found is None:
             return None
         cand = found[1]
-    reuse = {k: r for k, r in earlier_retrains(out, spec, cand).items()
-             if k < spec.final_seeds}
+    reuse = earlier_retrains(out, spec, cand, spec.final_seeds)
     strategy = FinalRetrain(search.space, search.budgets.target, candidate=cand,
                             seeds=spec.final_seeds, seed=spec.seed, reuse=reuse)
     if reuse:

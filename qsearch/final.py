@@ -22,7 +22,7 @@ from qsearch.files import SPEC_FILE
 from qsearch.space import SearchSpace
 from qsearch.spec import Spec
 from qsearch.store import ResultsStore
-from qsearch.strategy import GridStrategy, Proposal, best_at_highest_fidelity
+from qsearch.strategy import GridStrategy, Proposal, Result, best_at_highest_fidelity
 
 
 class FinalRetrain(GridStrategy):
@@ -95,14 +95,16 @@ def retrain_key(spec: dict) -> str:
                       sort_keys=True, default=str)
 
 
-def earlier_retrains(out: Path, spec: Spec, cand: Candidate) -> dict[int, dict]:
-    """Seed offset -> the stored result (a ``Result`` dict, marked ``reused_from``) of the
-    same final retrain in a sibling experiment of ``out`` (same recipe directory)."""
+def earlier_retrains(out: Path, spec: Spec, cand: Candidate, seeds: int) -> dict[int, dict]:
+    """Seed offset (below ``seeds``) -> the stored result (a ``Result`` dict, marked
+    ``reused_from``) of the same final retrain in a sibling experiment of ``out`` (same
+    recipe directory)."""
+    here = Path(out).resolve()
     mine = json.loads(json.dumps(spec.to_dict(), default=str))  # as its spec file reads
     key, want, found = retrain_key(mine), cand.to_json(), {}
-    for spec_file in sorted(Path(out).resolve().parent.glob(f"*/{SPEC_FILE}")):
+    for spec_file in sorted(here.parent.glob(f"*/{SPEC_FILE}")):
         other = spec_file.parent
-        if other == Path(out).resolve():
+        if other == here:
             continue
         try:
             if retrain_key(json.loads(spec_file.read_text())) != key:
@@ -111,13 +113,14 @@ def earlier_retrains(out: Path, spec: Spec, cand: Candidate) -> dict[int, dict]:
         except (OSError, ValueError, QSearchError):
             continue  # unreadable: not a source of results
         for r in rows:
-            if r["stage"] == "final" and r["status"] == "ok" and r["candidate"] == want:
+            offset = r["seed"] - spec.seed
+            if (r["stage"] == "final" and r["status"] == "ok" and r["candidate"] == want
+                    and 0 <= offset < seeds and offset not in found):
                 metrics = {k: v for k, v in json.loads(r["metrics"] or "{}").items()
                            if k != "cpu_seconds"}
                 metrics["reused_from"] = f"{other.name}/{r['trial_id']}"
-                found.setdefault(r["seed"] - spec.seed, {
-                    "status": "ok", "val_acc": r["val_acc"], "candidate": cand.to_dict(),
-                    "metrics": metrics, "error": None, "fidelity": r["steps"]})
+                found[offset] = Result("ok", r["val_acc"], cand, metrics,
+                                       fidelity=r["steps"]).to_dict()
     return found
 
 

@@ -52,22 +52,24 @@ def run_trial(config: dict[str, Any], *, report: ReportFn, restored: dict | None
     proposal = Proposal.from_dict(config["proposal"])
     min_steps = config.get("min_steps")
     on_ladder = proposal.task in LADDER_TASKS
-    use_gpu = gpus > 0 and torch.cuda.is_available()
-    device = device or ("cuda" if use_gpu else "cpu")
-    # trials (or workers) sharing this node's memory, or this GPU's: 4 at 0.25 GPU each
-    sharing = 1 / gpus if device.startswith("cuda") else (os.cpu_count() or 1) / cpus
-    ctx = TaskContext(space=space_from_spec(spec), proposal=proposal,
-                      budget=parse_budget(config["budget"]),
-                      train=dict(config.get("train") or spec.train), data=dict(spec.data),
-                      seed=spec.seed + int(config.get("seed_offset", 0)),
-                      device=device, restored=restored,
-                      report=fidelity_reports(report, min_steps, on_ladder),
-                      trials_per_node=max(1, int(sharing)),
-                      checkpoint_every_s=checkpoint_every_s, shard=shard,
-                      execution=Execution(bf16=spec.bf16, channels_last=spec.channels_last),
-                      pin_memory=spec.pin_memory, checkpoint=spec.checkpoint)
     reused = proposal.params.get("reuse")  # the same retrain, stored by another experiment
-    result = Result.from_dict(reused) if reused else get_task(proposal.task)(ctx)
+    if reused:
+        result = Result.from_dict(reused)
+    else:
+        use_gpu = gpus > 0 and torch.cuda.is_available()
+        device = device or ("cuda" if use_gpu else "cpu")
+        # trials (or workers) sharing this node's memory, or this GPU's: 4 at 0.25 GPU each
+        sharing = 1 / gpus if device.startswith("cuda") else (os.cpu_count() or 1) / cpus
+        ctx = TaskContext(
+            space=space_from_spec(spec), proposal=proposal,
+            budget=parse_budget(config["budget"]),
+            train=dict(config.get("train") or spec.train), data=dict(spec.data),
+            seed=spec.seed + int(config.get("seed_offset", 0)), device=device,
+            restored=restored, report=fidelity_reports(report, min_steps, on_ladder),
+            trials_per_node=max(1, int(sharing)), checkpoint_every_s=checkpoint_every_s,
+            shard=shard, execution=Execution(bf16=spec.bf16, channels_last=spec.channels_last),
+            pin_memory=spec.pin_memory, checkpoint=spec.checkpoint)
+        result = get_task(proposal.task)(ctx)
     final = final_report(result, node=node, seconds=time.perf_counter() - start)
     if shard is None:
         final["cpu_seconds"] = time.process_time() - cpu_start
