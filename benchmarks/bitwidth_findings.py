@@ -10,10 +10,11 @@ between every two bit-widths of a uniform grid, against the best cell of a depth
 (which it also lays out as Table 7: other bits down, depthwise bits across). A difference
 is called only when its interval excludes zero. Across budgets, it checks the DualPrecision
 proxy rule (choose at a small budget, scale the winner up) seed by seed. ``--plot`` draws
-accuracy against C_size per bit-width, as the paper's Fig. 1 does, with the intervals.
+accuracy against C_size per bit-width, as the paper's Fig. 1 does, with the intervals (for a
+depthwise grid: accuracy against the depthwise bits, one line per bit-width elsewhere).
 
     python benchmarks/bitwidth_findings.py runs/one-bitwidth-fig1 --plot fig1.png
-    python benchmarks/bitwidth_findings.py runs/depthwise
+    python benchmarks/bitwidth_findings.py runs/depthwise --plot depthwise.png
 """
 
 from __future__ import annotations
@@ -123,10 +124,15 @@ def versus_best(df: pd.DataFrame) -> list[str]:
     return lines
 
 
+def grid_cells(df: pd.DataFrame) -> pd.DataFrame:
+    """Grid cells with their two precisions as columns ``dw`` and ``other``."""
+    split = df.bits.str.extract(r"dw (\d+) / other (\d+)").astype(int)
+    return df.assign(dw=split[0].to_numpy(), other=split[1].to_numpy())
+
+
 def grid_layout(df: pd.DataFrame) -> list[str]:
     """DualPrecision's Table 7 layout: other convs' bits down, depthwise bits across, 8 first."""
-    split = df.bits.str.extract(r"dw (\d+) / other (\d+)").astype(int)
-    g = df.assign(dw=split[0], other=split[1])
+    g = grid_cells(df)
     dws = sorted(g.dw.unique(), reverse=True)
     lines = ["| convs \\ depthwise | " + " | ".join(f"{b} bit" for b in dws) + " |",
              "|---:|" + "---:|" * len(dws)]
@@ -136,6 +142,38 @@ def grid_layout(df: pd.DataFrame) -> list[str]:
             acc = 100 * g[(g.other == other) & (g.dw == dw)].val_acc.to_numpy()
             row.append("-" if not len(acc) else "{:.2f} ± {:.2f}".format(*interval(acc)))
         lines.append(f"| {other} bit | " + " | ".join(row) + " |")
+    return lines
+
+
+def diagonal(df: pd.DataFrame) -> pd.DataFrame:
+    """The grid's uniform cells (depthwise bits = other bits), named by their bit-width."""
+    g = grid_cells(df)
+    g = g[g.dw == g.other]
+    return g.assign(bits=g.dw.to_numpy())
+
+
+def depthwise_steps(df: pd.DataFrame) -> list[str]:
+    """Raising the depthwise layers' bits at fixed bits elsewhere, at matched size (the
+    One-Bitwidth paper's Table 1 quantizes depthwise convs 4 -> 1 bit; here every step up):
+    the higher minus the lower depthwise bit-width per row of other bits, paired by seed, and
+    pooled over the rows, paired by row and seed (the verdict is the pooled interval's; each
+    cell is its own training run, and the validation split a seed shares cancels in a
+    difference, so the pooled differences are taken as independent)."""
+    acc = grid_cells(df).pivot_table(index=["other", "seed"], columns="dw",
+                                     values="val_acc") * 100
+    others = sorted(acc.index.get_level_values("other").unique(), reverse=True)
+    dws = sorted(acc.columns)
+    lines = ["| depthwise step | " + " | ".join(f"other {o} bit" for o in others)
+             + " | pooled, mean ± 95% CI (n) | verdict |",
+             "|---|" + "---:|" * (len(others) + 1) + "---|"]
+    for lo, hi in [*zip(dws, dws[1:]), (dws[0], dws[-1])]:
+        diff = (acc[hi] - acc[lo]).dropna()
+        row = ["{:+.2f} ± {:.2f}".format(*interval(diff.loc[o].to_numpy()))
+               if o in diff.index.get_level_values("other") else "-" for o in others]
+        mean, half = interval(diff.to_numpy())
+        lines.append(f"| dw {hi} - dw {lo} | " + " | ".join(row) +
+                     f" | {mean:+.2f} ± {half:.2f} ({len(diff)}) | "
+                     f"{verdict(mean, half, f'dw {hi}', f'dw {lo}')} |")
     return lines
 
 
@@ -175,13 +213,18 @@ def proxy_budgets(df: pd.DataFrame) -> list[str]:
     return lines
 
 
-def plot(df: pd.DataFrame, path: Path) -> None:
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    return plt
+
+
+def plot(df: pd.DataFrame, path: Path) -> None:
+    """Uniform grids: accuracy against the budget per bit-width (the paper's Fig. 1)."""
+    fig, ax = pyplot().subplots(figsize=(6, 4))
     budgets = sorted(df.budget_value.unique())
     for k, (bits, g) in enumerate(df.groupby("bits")):
         rows = [(b, *interval(100 * c.val_acc.to_numpy())) for b, c in g.groupby("budget_value")]
@@ -201,6 +244,30 @@ def plot(df: pd.DataFrame, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def plot_grids(df: pd.DataFrame, path: Path) -> None:
+    """Depthwise grids: accuracy against the depthwise layers' bits, one line per bit-width
+    of the other layers, one panel per model and budget (every cell at matched size)."""
+    panels = list(df.groupby(["model", "budget_value"]))
+    fig, axes = pyplot().subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, ((model, _), g) in zip(axes[0], panels):
+        g = grid_cells(g)
+        for k, (other, row) in enumerate(g.groupby("other")):
+            pts = [(dw, *interval(100 * c.val_acc.to_numpy())) for dw, c in row.groupby("dw")]
+            x, y, err = zip(*sorted(pts))
+            dodge = 1.03 ** (k - 1.5)
+            ax.errorbar([v * dodge for v in x], y, yerr=err, marker="o", capsize=3,
+                        label=f"other layers {other}-bit")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(g.dw.unique()), [f"{b}" for b in sorted(g.dw.unique())])
+        ax.minorticks_off()
+        ax.set_xlabel("depthwise layers' weight bits")
+        ax.set_ylabel("validation accuracy (%), 95% CI")
+        ax.set_title(f"{model}, every cell at {g.budget.iloc[0]}")
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("root", type=Path, help="the recipe's out directory")
@@ -214,6 +281,9 @@ def main() -> None:
         print("\n".join(budget_table(g)))
         if grid:
             print("\n" + "\n".join(grid_layout(g)))
+            print("\n" + "\n".join(depthwise_steps(g)))
+            print("\nThe grid's diagonal, every layer at one bit-width (One-Bitwidth Fig. 4):\n")
+            print("\n".join(paired_differences(diagonal(g))))
         print("\n" + "\n".join(versus_best(g) if grid else paired_differences(g)))
     for model, g in df.groupby("model"):
         if g.budget_value.nunique() > 1 and pd.api.types.is_integer_dtype(g.bits):
@@ -224,7 +294,8 @@ def main() -> None:
                   "larger?\n")
             print("\n".join(proxy_budgets(g)))
     if args.plot:
-        plot(df, args.plot)
+        uniform = pd.api.types.is_integer_dtype(df.bits)
+        (plot if uniform else plot_grids)(df, args.plot)
         print(f"\nplot: {args.plot}")
 
 
