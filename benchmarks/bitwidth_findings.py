@@ -152,28 +152,31 @@ def diagonal(df: pd.DataFrame) -> pd.DataFrame:
     return g.assign(bits=g.dw.to_numpy())
 
 
-def depthwise_steps(df: pd.DataFrame) -> list[str]:
-    """Raising the depthwise layers' bits at fixed bits elsewhere, at matched size (the
-    One-Bitwidth paper's Table 1 quantizes depthwise convs 4 -> 1 bit; here every step up):
-    the higher minus the lower depthwise bit-width per row of other bits, paired by seed, and
-    pooled over the rows, paired by row and seed (the verdict is the pooled interval's; each
-    cell is its own training run, and the validation split a seed shares cancels in a
-    difference, so the pooled differences are taken as independent)."""
-    acc = grid_cells(df).pivot_table(index=["other", "seed"], columns="dw",
+def bit_steps(df: pd.DataFrame, vary: str = "dw") -> list[str]:
+    """One group's bits raised at fixed bits in the other group, at matched size: ``vary``
+    "dw" raises the depthwise layers' bits (the One-Bitwidth paper's Table 1 quantizes them
+    4 -> 1 bit), "other" the other layers' (its Fig. 4d holds depthwise at 4 bits). The
+    higher minus the lower bit-width per fixed bit-width of the other group, paired by seed,
+    and pooled over those, paired by fixed bits and seed (the verdict is the pooled
+    interval's; each cell is its own training run, and the validation split a seed shares
+    cancels in a difference, so the pooled differences are taken as independent)."""
+    fixed = "other" if vary == "dw" else "dw"
+    acc = grid_cells(df).pivot_table(index=[fixed, "seed"], columns=vary,
                                      values="val_acc") * 100
-    others = sorted(acc.index.get_level_values("other").unique(), reverse=True)
-    dws = sorted(acc.columns)
-    lines = ["| depthwise step | " + " | ".join(f"other {o} bit" for o in others)
+    rows = sorted(acc.index.get_level_values(fixed).unique(), reverse=True)
+    steps = sorted(acc.columns)
+    lines = [f"| {vary} step | " + " | ".join(f"{fixed} {o} bit" for o in rows)
              + " | pooled, mean ± 95% CI (n) | verdict |",
-             "|---|" + "---:|" * (len(others) + 1) + "---|"]
-    for lo, hi in [*zip(dws, dws[1:]), (dws[0], dws[-1])]:
+             "|---|" + "---:|" * (len(rows) + 1) + "---|"]
+    for lo, hi in [*zip(steps, steps[1:]), (steps[0], steps[-1])]:
         diff = (acc[hi] - acc[lo]).dropna()
-        row = ["{:+.2f} ± {:.2f}".format(*interval(diff.loc[o].to_numpy()))
-               if o in diff.index.get_level_values("other") else "-" for o in others]
+        cells = ["{:+.2f} ± {:.2f}".format(*interval(diff.loc[o].to_numpy()))
+                 if o in diff.index.get_level_values(fixed) else "-" for o in rows]
         mean, half = interval(diff.to_numpy())
-        lines.append(f"| dw {hi} - dw {lo} | " + " | ".join(row) +
+        hi_name, lo_name = f"{vary} {hi}", f"{vary} {lo}"
+        lines.append(f"| {hi_name} - {lo_name} | " + " | ".join(cells) +
                      f" | {mean:+.2f} ± {half:.2f} ({len(diff)}) | "
-                     f"{verdict(mean, half, f'dw {hi}', f'dw {lo}')} |")
+                     f"{verdict(mean, half, hi_name, lo_name)} |")
     return lines
 
 
@@ -281,7 +284,8 @@ def main() -> None:
         print("\n".join(budget_table(g)))
         if grid:
             print("\n" + "\n".join(grid_layout(g)))
-            print("\n" + "\n".join(depthwise_steps(g)))
+            print("\n" + "\n".join(bit_steps(g, "dw")))
+            print("\n" + "\n".join(bit_steps(g, "other")))
             print("\nThe grid's diagonal, every layer at one bit-width (One-Bitwidth Fig. 4):\n")
             print("\n".join(paired_differences(diagonal(g))))
         print("\n" + "\n".join(versus_best(g) if grid else paired_differences(g)))
