@@ -225,22 +225,28 @@ def pyplot():
     return plt
 
 
+def interval_lines(ax, df: pd.DataFrame, line: str, x: str, label, tick) -> None:
+    """One line per value of ``line``: mean accuracy and its 95% interval against ``x`` (log2
+    axis, lines side by side at each x), ticks named by ``tick(x)``, lines by ``label``."""
+    for k, (key, g) in enumerate(df.groupby(line)):
+        pts = [(v, *interval(100 * c.val_acc.to_numpy())) for v, c in g.groupby(x)]
+        xs, y, err = zip(*sorted(pts))
+        dodge = 1.03 ** (k - 1.5)
+        ax.errorbar([v * dodge for v in xs], y, yerr=err, marker="o", capsize=3,
+                    label=label(key))
+    ax.set_xscale("log", base=2)
+    ticks = sorted(df[x].unique())
+    ax.set_xticks(ticks, [tick(v) for v in ticks])
+    ax.minorticks_off()
+    ax.set_ylabel("validation accuracy (%), 95% CI")
+
+
 def plot(df: pd.DataFrame, path: Path) -> None:
     """Uniform grids: accuracy against the budget per bit-width (the paper's Fig. 1)."""
     fig, ax = pyplot().subplots(figsize=(6, 4))
-    budgets = sorted(df.budget_value.unique())
-    for k, (bits, g) in enumerate(df.groupby("bits")):
-        rows = [(b, *interval(100 * c.val_acc.to_numpy())) for b, c in g.groupby("budget_value")]
-        x, y, err = zip(*sorted(rows))
-        dodge = 1.03 ** (k - 1.5)  # side by side at each budget (log axis)
-        ax.errorbar([v * dodge for v in x], y, yerr=err, marker="o", capsize=3,
-                    label=f"{name(bits)} weights")
-    ax.set_xscale("log", base=2)
     names = dict(zip(df.budget_value, df.budget))
-    ax.set_xticks(budgets, [names[b] for b in budgets])
-    ax.minorticks_off()
+    interval_lines(ax, df, "bits", "budget_value", lambda b: f"{name(b)} weights", names.get)
     ax.set_xlabel("budget: C_size (Eq. 6) matched within 97-100%")
-    ax.set_ylabel("validation accuracy (%), 95% CI")
     ax.set_title(f"{', '.join(df.model.unique())}: each bit-width width-aligned to the budget")
     ax.legend()
     fig.tight_layout()
@@ -253,18 +259,8 @@ def plot_grids(df: pd.DataFrame, path: Path) -> None:
     panels = list(df.groupby(["model", "budget_value"]))
     fig, axes = pyplot().subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, ((model, _), g) in zip(axes[0], panels):
-        g = grid_cells(g)
-        for k, (other, row) in enumerate(g.groupby("other")):
-            pts = [(dw, *interval(100 * c.val_acc.to_numpy())) for dw, c in row.groupby("dw")]
-            x, y, err = zip(*sorted(pts))
-            dodge = 1.03 ** (k - 1.5)
-            ax.errorbar([v * dodge for v in x], y, yerr=err, marker="o", capsize=3,
-                        label=f"other layers {other}-bit")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(sorted(g.dw.unique()), [f"{b}" for b in sorted(g.dw.unique())])
-        ax.minorticks_off()
+        interval_lines(ax, grid_cells(g), "other", "dw", lambda o: f"other layers {o}-bit", str)
         ax.set_xlabel("depthwise layers' weight bits")
-        ax.set_ylabel("validation accuracy (%), 95% CI")
         ax.set_title(f"{model}, every cell at {g.budget.iloc[0]}")
         ax.legend(fontsize="small")
     fig.tight_layout()
