@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from qsearch import QSearchError
+from qsearch.across_budgets import across_budgets
 from qsearch.budget import format_cost
 from qsearch.candidate import bit_summary
 from qsearch.files import FINAL_FILE, SPEC_FILE
@@ -401,7 +402,7 @@ def footnotes(entries: Sequence[dict[str, Any]]) -> list[str]:
         lines.append("Δ uniform: test accuracy minus the uniform entry of the same budget, in "
                      f"points, with its 95% CI ({used('vs_uniform_test', entries)})")
     noise = retrain_noise([e["final_by_seed"] for e in entries if e["final_by_seed"]])
-    return lines + ([noise] if noise else [])
+    return lines + ([noise] if noise else []) + across_budgets(entries)
 
 
 def format_leaderboard(entries: Sequence[dict[str, Any]], fmt: str = "table") -> str:

@@ -1,0 +1,73 @@
+"""A strategy against uniform over several budgets: does it beat the single bit-width in
+general, not only at one budget?
+
+At one budget the leaderboard's Δ uniform is a paired interval over 3-5 seeds, often too wide
+to call (the One-Bitwidth paper's Table 3 compares at several sizes for this reason). Here
+each strategy's per-seed differences to the ``uniform`` entry of the same budget are pooled
+over the budgets where both were ranked and ran the same seeds: n = budgets x seeds
+differences, each paired by budget and seed, and a one-sample Student t-test on them. The
+mean is the difference averaged over those budgets; a difference that changes with the
+budget widens the interval rather than hiding in it. Pure functions over leaderboard
+entries; scipy is imported when a line is built.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from qsearch.seed_noise import ALPHA, quiet_ttests
+
+
+def differences(entries: Sequence[dict[str, Any]]) -> dict[tuple, dict[str, list[float]]]:
+    """(model, dataset, budget kind, strategy) -> budget -> per-seed test-accuracy differences
+    to that budget's best ranked uniform entry, where the two ran the same seeds. A strategy
+    with two entries at one budget is left out: its differences would share the reference."""
+    refs: dict[tuple, dict[str, Any]] = {}
+    for e in entries:
+        key = (e["model"], e["dataset"], e["budget_kind"], e["budget_value"])
+        if e["strategy"] == "uniform" and e["rank"] is not None and e["final_by_seed"] and (
+                key not in refs or e["test_acc_mean"] > refs[key]["test_acc_mean"]):
+            refs[key] = e
+    found: dict[tuple, dict[str, list[float]]] = defaultdict(dict)
+    twice: set[tuple] = set()
+    for e in entries:
+        ref = refs.get((e["model"], e["dataset"], e["budget_kind"], e["budget_value"]))
+        mine = e["final_by_seed"]
+        if (e["strategy"] == "uniform" or e["rank"] is None or ref is None or not mine
+                or set(mine) != set(ref["final_by_seed"])):
+            continue
+        key = (e["model"], e["dataset"], e["budget_kind"], e["strategy"])
+        if e["budget"] in found[key]:
+            twice.add(key)
+        found[key][e["budget"]] = [mine[s] - ref["final_by_seed"][s] for s in sorted(mine)]
+    return {k: v for k, v in found.items() if len(v) >= 2 and k not in twice}
+
+
+def pooled(diffs: Sequence[float]) -> tuple[float, float, float, float]:
+    """Mean, (1 - ALPHA) interval and p-value of a one-sample t-test of ``diffs`` against 0."""
+    from scipy import stats
+
+    with quiet_ttests():
+        res = stats.ttest_1samp(diffs, 0.0)
+    ci = res.confidence_interval(1 - ALPHA)
+    return float(np.mean(diffs)), float(ci.low), float(ci.high), float(res.pvalue)
+
+
+def across_budgets(entries: Sequence[dict[str, Any]]) -> list[str]:
+    """One footnote per (model, dataset, budget kind) with strategies compared to uniform at
+    two or more budgets: each strategy's pooled difference in points with its interval."""
+    lines: dict[tuple, list[str]] = defaultdict(list)
+    for (model, dataset, kind, strategy), by_budget in sorted(differences(entries).items()):
+        mean, low, high, p = pooled([d for ds in by_budget.values() for d in ds])
+        n = sum(map(len, by_budget.values()))
+        shown = "p<0.001" if p < 0.001 else f"p={p:.3f}" if p == p else "no spread"
+        lines[(model, dataset, kind)].append(
+            f"{strategy} {mean * 100:+.2f} [{low * 100:+.2f}, {high * 100:+.2f}] "
+            f"({', '.join(by_budget)}; n {n}, {shown})")
+    return [f"Δ uniform over {kind} budgets, {model}/{dataset} (per-seed differences pooled "
+            f"over budgets, one-sample t-test, {1 - ALPHA:.0%} CI): " + "; ".join(parts)
+            for (model, dataset, kind), parts in lines.items()]

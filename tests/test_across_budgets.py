@@ -1,0 +1,68 @@
+"""Δ uniform pooled over budgets: per-seed differences paired by budget and seed, one t-test."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qsearch.across_budgets import across_budgets, differences
+from qsearch.leaderboard import footnotes, format_leaderboard, leaderboard, load_experiments
+from tests.test_leaderboard import make_experiment
+
+# per budget, per seed: tpe sits ~0.5 points under uniform, with more spread than 3 seeds
+# at one budget can resolve
+PLAN = {"32KB": {"uniform": [0.880, 0.890, 0.884], "tpe": [0.878, 0.882, 0.877]},
+        "64KB": {"uniform": [0.900, 0.905, 0.898], "tpe": [0.897, 0.896, 0.894]}}
+
+
+def board(root, plan=PLAN, first_seed=None):
+    dirs = [make_experiment(root, s, b, None, 1.0, accs,
+                            first_seed=(first_seed or {}).get((s, b), 0))
+            for b, by_strategy in plan.items() for s, accs in by_strategy.items()]
+    return leaderboard(load_experiments(dirs))
+
+
+def test_pooled_difference_matches_a_hand_computation_and_decides_where_one_budget_cannot(
+        tmp_path):
+    from scipy import stats
+
+    entries = board(tmp_path)
+    per_budget = [np.subtract(PLAN[b]["tpe"], PLAN[b]["uniform"]) for b in ("32KB", "64KB")]
+    # neither budget alone separates tpe from uniform ...
+    for e in entries:
+        if e["strategy"] == "tpe":
+            assert e["vs_uniform_low"] < 0 < e["vs_uniform_high"]
+    # ... the six differences pooled over both do
+    d = np.concatenate(per_budget)
+    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+    p = stats.ttest_1samp(d, 0.0).pvalue
+    assert d.mean() + half < 0 and p < 0.05
+    [line] = across_budgets(entries)
+    assert line.startswith("Δ uniform over size budgets, resnet20/fashion-mnist")
+    assert (f"tpe {d.mean() * 100:+.2f} [{(d.mean() - half) * 100:+.2f}, "
+            f"{(d.mean() + half) * 100:+.2f}] (32KB, 64KB; n 6, p={p:.3f})") in line
+    assert line in footnotes(entries) and line in format_leaderboard(entries, "md")
+
+
+def test_strategies_without_two_paired_budgets_get_no_line(tmp_path):
+    one_budget = {"32KB": PLAN["32KB"], "64KB": {"uniform": PLAN["64KB"]["uniform"]}}
+    assert across_budgets(board(tmp_path / "one", one_budget)) == []
+    # other seeds at one budget cannot be paired there: one budget left, no line
+    assert across_budgets(board(tmp_path / "seeds", first_seed={("tpe", "64KB"): 10})) == []
+
+
+def test_two_entries_of_a_strategy_at_one_budget_are_left_out(tmp_path):
+    entries = board(tmp_path / "a")
+    extra = leaderboard(load_experiments([
+        make_experiment(tmp_path / "b", "tpe", "32KB", None, 1.0, [0.87, 0.88, 0.87])]))
+    assert differences(entries) and differences(entries + extra) == {}
+
+
+def test_the_best_ranked_uniform_entry_is_the_reference(tmp_path):
+    entries = board(tmp_path / "a")
+    worse = leaderboard(load_experiments([
+        make_experiment(tmp_path / "b", "uniform", "32KB", None, 1.0, [0.80, 0.81, 0.80])]))
+    worse[0]["rank"] = 2
+    by_budget = differences(entries + worse)[("resnet20", "fashion-mnist", "size", "tpe")]
+    assert by_budget["32KB"] == pytest.approx(
+        list(np.subtract(PLAN["32KB"]["tpe"], PLAN["32KB"]["uniform"])))
