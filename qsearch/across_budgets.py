@@ -21,6 +21,8 @@ import numpy as np
 
 from qsearch.seed_noise import ALPHA, quiet_ttests
 
+KIND_NAMES = {"bitops": "BitOPs"}  # how a footnote names a budget kind
+
 
 def differences(entries: Sequence[dict[str, Any]]) -> dict[tuple, dict[str, list[float]]]:
     """(model, dataset, budget kind, strategy) -> budget -> per-seed test-accuracy differences
@@ -68,6 +70,7 @@ def across_budgets(entries: Sequence[dict[str, Any]]) -> list[str]:
         lines[(model, dataset, kind)].append(
             f"{strategy} {mean * 100:+.2f} [{low * 100:+.2f}, {high * 100:+.2f}] "
             f"({', '.join(by_budget)}; n {n}, {shown})")
-    return [f"Δ uniform over {kind} budgets, {model}/{dataset} (per-seed differences pooled "
-            f"over budgets, one-sample t-test, {1 - ALPHA:.0%} CI): " + "; ".join(parts)
+    return [f"Δ uniform over {KIND_NAMES.get(kind, kind)} budgets, {model}/{dataset} (per-seed "
+            f"differences pooled over budgets, one-sample t-test, {1 - ALPHA:.0%} CI): "
+            + "; ".join(parts)
             for (model, dataset, kind), parts in lines.items()]
