@@ -5,10 +5,9 @@ At one budget the leaderboard's Δ uniform is a paired interval over 3-5 seeds, 
 to call. Here each strategy's per-seed differences to the ``uniform`` entry of the same
 budget are pooled over the budgets where both were ranked and ran the same seeds: n =
 budgets x seeds differences, each paired by budget and seed, and a one-sample Student t-test
-on them. The
-mean is the difference averaged over those budgets; a difference that changes with the
-budget widens the interval rather than hiding in it. Pure functions over leaderboard
-entries; scipy is imported when a line is built.
+on them. The mean is the difference averaged over those budgets; a difference that changes
+with the budget widens the interval rather than hiding in it. Pure functions over
+leaderboard entries; scipy is imported when a line is built.
 """
 
 from __future__ import annotations
