@@ -25,21 +25,15 @@ KIND_NAMES = {"bitops": "BitOPs"}  # how a footnote names a budget kind
 
 def differences(entries: Sequence[dict[str, Any]]) -> dict[tuple, dict[str, list[float]]]:
     """(model, dataset, budget kind, strategy) -> budget -> per-seed test-accuracy differences
-    to that budget's best ranked uniform entry, where the two ran the same seeds. A strategy
-    with two entries at one budget is left out: its differences would share the reference."""
-    refs: dict[tuple, dict[str, Any]] = {}
-    for e in entries:
-        key = (e["model"], e["dataset"], e["budget_kind"], e["budget_value"])
-        if e["strategy"] == "uniform" and e["rank"] is not None and e["final_by_seed"] and (
-                key not in refs or e["test_acc_mean"] > refs[key]["test_acc_mean"]):
-            refs[key] = e
+    to the uniform entry the leaderboard compared it with (``vs_uniform_ref``), where the two
+    ran the same seeds. A strategy with two entries at one budget is left out: its
+    differences would share the reference."""
     found: dict[tuple, dict[str, list[float]]] = defaultdict(dict)
     twice: set[tuple] = set()
     for e in entries:
-        ref = refs.get((e["model"], e["dataset"], e["budget_kind"], e["budget_value"]))
-        mine = e["final_by_seed"]
-        if (e["strategy"] == "uniform" or e["rank"] is None or ref is None or not mine
-                or set(mine) != set(ref["final_by_seed"])):
+        ref, mine = e.get("vs_uniform_ref"), e["final_by_seed"]
+        if (e["strategy"] == "uniform" or ref is None or not mine
+                or set(mine) != set(ref["final_by_seed"] or ())):
             continue
         key = (e["model"], e["dataset"], e["budget_kind"], e["strategy"])
         if e["budget"] in found[key]:

@@ -241,9 +241,8 @@ def _vs_uniform(group: list[dict[str, Any]]) -> None:
     """Difference to the group's ``uniform`` entry (the best one if several), with its
     (1 - ALPHA) interval from the same test the ranking would use."""
     ref = next((e for e in group if e["strategy"] == "uniform"), None)
-    for e in group:
-        if ref is None or e is ref:
-            continue
+    for e in (e for e in group if ref is not None and e is not ref):
+        e["vs_uniform_ref"] = ref  # the entry it pairs with (see qsearch.across_budgets)
         e["vs_uniform_test"], res = _compare(e, ref)
         ci = res.confidence_interval(1 - ALPHA)
         e["vs_uniform"] = e["test_acc_mean"] - ref["test_acc_mean"]

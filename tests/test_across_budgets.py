@@ -51,18 +51,21 @@ def test_strategies_without_two_paired_budgets_get_no_line(tmp_path):
     assert across_budgets(board(tmp_path / "seeds", first_seed={("tpe", "64KB"): 10})) == []
 
 
+def with_extra(root, strategy: str, accs: list[float]) -> list[dict]:
+    """The PLAN's entries and one more at 32KB, on one leaderboard."""
+    board(root / "a")
+    extra = make_experiment(root / "b", strategy, "32KB", None, 1.0, accs)
+    return leaderboard(load_experiments([*sorted((root / "a").iterdir()), extra]))
+
+
 def test_two_entries_of_a_strategy_at_one_budget_are_left_out(tmp_path):
-    entries = board(tmp_path / "a")
-    extra = leaderboard(load_experiments([
-        make_experiment(tmp_path / "b", "tpe", "32KB", None, 1.0, [0.87, 0.88, 0.87])]))
-    assert differences(entries) and differences(entries + extra) == {}
+    entries = board(tmp_path / "plan")
+    both = with_extra(tmp_path, "tpe", [0.87, 0.88, 0.87])
+    assert differences(entries) and differences(both) == {}
 
 
 def test_the_best_ranked_uniform_entry_is_the_reference(tmp_path):
-    entries = board(tmp_path / "a")
-    worse = leaderboard(load_experiments([
-        make_experiment(tmp_path / "b", "uniform", "32KB", None, 1.0, [0.80, 0.81, 0.80])]))
-    worse[0]["rank"] = 2
-    by_budget = differences(entries + worse)[("resnet20", "fashion-mnist", "size", "tpe")]
+    both = with_extra(tmp_path, "uniform", [0.80, 0.81, 0.80])
+    by_budget = differences(both)[("resnet20", "fashion-mnist", "size", "tpe")]
     assert by_budget["32KB"] == pytest.approx(
         list(np.subtract(PLAN["32KB"]["tpe"], PLAN["32KB"]["uniform"])))
