@@ -159,7 +159,8 @@ def bit_steps(df: pd.DataFrame, vary: str = "dw") -> list[str]:
     higher minus the lower bit-width per fixed bit-width of the other group, paired by seed,
     and pooled over those, paired by fixed bits and seed (the verdict is the pooled
     interval's; each cell is its own training run, and the validation split a seed shares
-    cancels in a difference, so the pooled differences are taken as independent)."""
+    cancels in a difference, so the pooled differences are taken as independent; still, the
+    rows of one seed alone are not called)."""
     fixed = "other" if vary == "dw" else "dw"
     acc = grid_cells(df).pivot_table(index=[fixed, "seed"], columns=vary,
                                      values="val_acc") * 100
@@ -168,15 +169,16 @@ def bit_steps(df: pd.DataFrame, vary: str = "dw") -> list[str]:
     lines = [f"| {vary} step | " + " | ".join(f"{fixed} {o} bit" for o in rows)
              + " | pooled, mean ± 95% CI (n) | verdict |",
              "|---|" + "---:|" * (len(rows) + 1) + "---|"]
-    for lo, hi in [*zip(steps, steps[1:]), (steps[0], steps[-1])]:
+    for lo, hi in dict.fromkeys([*zip(steps, steps[1:]), (steps[0], steps[-1])]):
         diff = (acc[hi] - acc[lo]).dropna()
         cells = ["{:+.2f} ± {:.2f}".format(*interval(diff.loc[o].to_numpy()))
                  if o in diff.index.get_level_values(fixed) else "-" for o in rows]
         mean, half = interval(diff.to_numpy())
         hi_name, lo_name = f"{vary} {hi}", f"{vary} {lo}"
+        seeds = diff.index.get_level_values("seed").nunique()
+        call = verdict(mean, half if seeds > 1 else np.nan, hi_name, lo_name)
         lines.append(f"| {hi_name} - {lo_name} | " + " | ".join(cells) +
-                     f" | {mean:+.2f} ± {half:.2f} ({len(diff)}) | "
-                     f"{verdict(mean, half, hi_name, lo_name)} |")
+                     f" | {mean:+.2f} ± {half:.2f} ({len(diff)}) | {call} |")
     return lines
 
 

@@ -182,7 +182,7 @@ def test_a_time_budget_cuts_supernet_training_and_resume_finishes_every_stage(tm
     r = subprocess.run(
         [*QS, "run", "--strategy", "random", "--dataset", "synthetic", "--budget", "6KB",
          "--steps", "20", "--batch-size", "32", "--trials", "3", "--evaluator", "supernet",
-         "--supernet-epochs", "8", "--supernet-cache", str(cache), "--top-k", "1",
+         "--supernet-epochs", "5", "--supernet-cache", str(cache), "--top-k", "1",
          "--time-budget", "15s", "--out", str(out)], capture_output=True, text=True,
         timeout=600, env={**os.environ, "QSEARCH_CHECKPOINT_EVERY": "1"})
     assert r.returncode == 0, r.stderr
@@ -295,7 +295,7 @@ def test_the_cache_key_changes_when_any_of_its_inputs_changes(tmp_path):
 def test_a_killed_supernet_training_resumes_from_its_checkpoint(tmp_path):
     out, cache = tmp_path / "killed", tmp_path / "supernets"
     cmd = [*QS, "run", "--strategy", "random", *TINY, "--trials", "2", "--evaluator",
-           "supernet", "--supernet-epochs", "6", "--supernet-cache", str(cache), "--top-k",
+           "supernet", "--supernet-epochs", "4", "--supernet-cache", str(cache), "--top-k",
            "1", "--final-seeds", "1", "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True,
