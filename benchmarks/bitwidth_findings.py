@@ -97,16 +97,27 @@ def budget_table(df: pd.DataFrame) -> list[str]:
 
 
 def paired_differences(df: pd.DataFrame, by: tuple[str, ...] = ("seed",)) -> list[str]:
-    """Uniform cells: lower minus higher bits, for every pair, on the seeds both ran (``by``
-    budget and seed: pooled over budgets, each budget's seeds paired on their own)."""
+    """Uniform cells: lower minus higher bits, for every pair, on the seeds both ran. ``by``
+    budget and seed pools over budgets, each budget's seeds paired on their own, and adds
+    the by-seed interval (each seed's mean over the budgets; see ``bit_steps``), whose call
+    is the verdict."""
     acc = df.pivot_table(index=list(by), columns="bits", values="val_acc") * 100
-    lines = ["| lower - higher bits | paired difference, mean ± 95% CI (n) | verdict |",
-             "|---|---:|---|"]
+    pooled_by = len(by) > 1
+    lines = ["| lower - higher bits | paired difference, mean ± 95% CI (n) |"
+             + (" by seed, mean ± 95% CI (seeds) |" if pooled_by else "") + " verdict |",
+             "|---|---:|" + ("---:|" if pooled_by else "") + "---|"]
     for lo, hi in itertools.combinations(sorted(acc.columns), 2):
-        d = (acc[lo] - acc[hi]).dropna().to_numpy()
-        mean, half = interval(d)
-        lines.append(f"| {lo} - {hi} | {mean:+.2f} ± {half:.2f} ({len(d)}) | "
-                     f"{verdict(mean, half, name(lo), name(hi))} |")
+        d = (acc[lo] - acc[hi]).dropna()
+        mean, half = interval(d.to_numpy())
+        line = f"| {lo} - {hi} | {mean:+.2f} ± {half:.2f} ({len(d)}) | "
+        if pooled_by:
+            per_seed = d.groupby(level="seed").mean().to_numpy()
+            by_seed = interval(per_seed)
+            line += (f"{by_seed[0]:+.2f} ± {by_seed[1]:.2f} ({len(per_seed)}) | "
+                     + step_verdict((mean, half), by_seed, name(lo), name(hi)))
+        else:
+            line += verdict(mean, half, name(lo), name(hi))
+        lines.append(line + " |")
     return lines
 
 
@@ -156,30 +167,41 @@ def bit_steps(df: pd.DataFrame, vary: str = "dw") -> list[str]:
     """One group's bits raised at fixed bits in the other group, at matched size: ``vary``
     "dw" raises the depthwise layers' bits (the One-Bitwidth paper's Table 1 quantizes them
     4 -> 1 bit), "other" the other layers' (its Fig. 4d holds depthwise at 4 bits). The
-    higher minus the lower bit-width per fixed bit-width of the other group, paired by seed,
-    and pooled over those, paired by fixed bits and seed (the verdict is the pooled
-    interval's; each cell is its own training run, and the validation split a seed shares
-    cancels in a difference, so the pooled differences are taken as independent; still, the
-    rows of one seed alone are not called)."""
+    higher minus the lower bit-width per fixed bit-width of the other group, paired by seed;
+    pooled over those rows, every (row, seed) pair counted as one; and by seed, each seed's
+    mean step over the rows, with the seeds as the independent units. The cells of one seed
+    share its validation split and data order, so its rows' steps may move together and the
+    pooled interval may be too narrow: the verdict is the by-seed interval's, and a step the
+    pooled interval alone decides says so."""
     fixed = "other" if vary == "dw" else "dw"
     acc = grid_cells(df).pivot_table(index=[fixed, "seed"], columns=vary,
                                      values="val_acc") * 100
     rows = sorted(acc.index.get_level_values(fixed).unique(), reverse=True)
     steps = sorted(acc.columns)
     lines = [f"| {vary} step | " + " | ".join(f"{fixed} {o} bit" for o in rows)
-             + " | pooled, mean ± 95% CI (n) | verdict |",
-             "|---|" + "---:|" * (len(rows) + 1) + "---|"]
+             + " | pooled, mean ± 95% CI (pairs) | by seed, mean ± 95% CI (seeds) | verdict |",
+             "|---|" + "---:|" * (len(rows) + 2) + "---|"]
     for lo, hi in dict.fromkeys([*zip(steps, steps[1:]), (steps[0], steps[-1])]):
         diff = (acc[hi] - acc[lo]).dropna()
         cells = ["{:+.2f} ± {:.2f}".format(*interval(diff.loc[o].to_numpy()))
                  if o in diff.index.get_level_values(fixed) else "-" for o in rows]
-        mean, half = interval(diff.to_numpy())
-        hi_name, lo_name = f"{vary} {hi}", f"{vary} {lo}"
-        seeds = diff.index.get_level_values("seed").nunique()
-        call = verdict(mean, half if seeds > 1 else np.nan, hi_name, lo_name)
-        lines.append(f"| {hi_name} - {lo_name} | " + " | ".join(cells) +
-                     f" | {mean:+.2f} ± {half:.2f} ({len(diff)}) | {call} |")
+        pooled = interval(diff.to_numpy())
+        per_seed = diff.groupby(level="seed").mean().to_numpy()
+        by_seed = interval(per_seed)
+        lines.append(f"| {vary} {hi} - {vary} {lo} | " + " | ".join(cells) +
+                     f" | {pooled[0]:+.2f} ± {pooled[1]:.2f} ({len(diff)}) | "
+                     f"{by_seed[0]:+.2f} ± {by_seed[1]:.2f} ({len(per_seed)}) | "
+                     f"{step_verdict(pooled, by_seed, f'{vary} {hi}', f'{vary} {lo}')} |")
     return lines
+
+
+def step_verdict(pooled, by_seed, hi: str, lo: str) -> str:
+    """The by-seed call; where only the pooled interval decides, undecided with that call."""
+    call = verdict(*by_seed, hi, lo)
+    if not call.startswith("undecided"):
+        return call
+    loose = verdict(*pooled, hi, lo)
+    return call if loose.startswith("undecided") else f"undecided by seed (pooled: {loose})"
 
 
 def proxy_budgets(df: pd.DataFrame) -> list[str]:

@@ -40,7 +40,12 @@ def test_pooled_difference_matches_a_hand_computation_and_decides_where_one_budg
     [line] = across_budgets(entries)
     assert line.startswith("Δ uniform over size budgets, resnet20/fashion-mnist")
     assert (f"tpe {d.mean() * 100:+.2f} [{(d.mean() - half) * 100:+.2f}, "
-            f"{(d.mean() + half) * 100:+.2f}] (32KB, 64KB; n 6, p={p:.3f})") in line
+            f"{(d.mean() + half) * 100:+.2f}] (32KB, 64KB; n 6, p={p:.3f}; ") in line
+    # by seed: the mean over both budgets per seed, 3 of them, a t-test on those
+    s = np.mean(per_budget, axis=0)
+    ci = stats.ttest_1samp(s, 0.0).confidence_interval(0.95)
+    assert (f"by seed {s.mean() * 100:+.2f} [{ci.low * 100:+.2f}, {ci.high * 100:+.2f}], "
+            f"n 3, p={stats.ttest_1samp(s, 0.0).pvalue:.3f})") in line
     assert line in footnotes(entries) and line in format_leaderboard(entries, "md")
 
 
@@ -67,5 +72,5 @@ def test_two_entries_of_a_strategy_at_one_budget_are_left_out(tmp_path):
 def test_the_best_ranked_uniform_entry_is_the_reference(tmp_path):
     both = with_extra(tmp_path, "uniform", [0.80, 0.81, 0.80])
     by_budget = differences(both)[("resnet20", "fashion-mnist", "size", "tpe")]
-    assert by_budget["32KB"] == pytest.approx(
+    assert list(by_budget["32KB"].values()) == pytest.approx(
         list(np.subtract(PLAN["32KB"]["tpe"], PLAN["32KB"]["uniform"])))
