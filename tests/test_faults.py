@@ -63,10 +63,12 @@ def test_candidate_too_large_for_memory_is_refused_before_training(tmp_path):
 
 
 # checkpoints at evaluations (every 40 steps), or only on the clock: a 300-step trial that
-# evaluates once, at its end, checkpointing every second
-@pytest.mark.parametrize("train,every", [("steps: 600, eval_every_steps: 40", "60"),
-                                         ("steps: 300, eval_every_steps: 1000", "1")],
-                         ids=["at-evaluations", "on-the-clock"])
+# evaluates once, at its end, checkpointing every second (slow: the same recovery path, and
+# the clock's checkpoints are tested by the supernet's killed-training resume)
+@pytest.mark.parametrize("train,every", [
+    ("steps: 600, eval_every_steps: 40", "60"),
+    pytest.param("steps: 300, eval_every_steps: 1000", "1", marks=pytest.mark.slow)],
+    ids=["at-evaluations", "on-the-clock"])
 def test_worker_node_dies_mid_trial(ray_cluster, tmp_path, train, every):
     out = tmp_path / "worker-dies"
     recipe = tmp_path / "r.yaml"

@@ -145,7 +145,7 @@ def test_ctrl_c_stops_a_recipe_rather_than_its_experiment(tmp_path):
     recipe = tmp_path / "r.yaml"
     root = tmp_path / "recipe"
     recipe.write_text(f"strategy: uniform\nmodel: resnet20\ndataset: synthetic\n"
-                      f"train: {{steps: 400, batch_size: 32}}\nout: {root}\n"
+                      f"train: {{steps: 200, batch_size: 32}}\nout: {root}\n"
                       "matrix: {budget: [6KB, 7KB]}\n")
     proc = subprocess.Popen([*QS, "run", str(recipe), "--trials", "1"], text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
