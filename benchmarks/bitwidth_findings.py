@@ -8,10 +8,12 @@ validation accuracy, mean with a 95% Student t interval over seeds, and differen
 by seed (the cells of one experiment share its seed), each with its 95% t interval:
 between every two bit-widths of a uniform grid, against the best cell of a depthwise grid
 (which it also lays out as Table 7: other bits down, depthwise bits across). A difference
-is called only when its interval excludes zero. Across budgets, it checks the DualPrecision
-proxy rule (choose at a small budget, scale the winner up) seed by seed. ``--plot`` draws
-accuracy against C_size per bit-width, as the paper's Fig. 1 does, with the intervals (for a
-depthwise grid: accuracy against the depthwise bits, one line per bit-width elsewhere).
+is called only when its interval excludes zero (a step pooled over rows or budgets: its
+by-seed interval, the seeds as the units; see ``bit_steps``). Across budgets, it checks the
+DualPrecision proxy rule (choose at a small budget, scale the winner up) seed by seed.
+``--plot`` draws accuracy against C_size per bit-width, as the paper's Fig. 1 does, with the
+intervals (for a depthwise grid: accuracy against the depthwise bits, one line per
+bit-width elsewhere).
 
     python benchmarks/bitwidth_findings.py runs/one-bitwidth-fig1 --plot fig1.png
     python benchmarks/bitwidth_findings.py runs/depthwise --plot depthwise.png

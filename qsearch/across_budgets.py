@@ -61,9 +61,14 @@ def by_seed(by_budget: dict[str, dict]) -> list[float]:
     return [float(np.mean([d[s] for d in by_budget.values()])) for s in sorted(seeds)]
 
 
-def shown(mean: float, low: float, high: float, p: float) -> str:
+def shown(diffs: Sequence[float]) -> str:
+    """A one-sample t-test of ``diffs`` in points: mean [interval], n and p (under 2 values,
+    no test)."""
+    if len(diffs) < 2:
+        return f"n {len(diffs)}, not tested"
+    mean, low, high, p = pooled(diffs)
     p_text = "p<0.001" if p < 0.001 else f"p={p:.3f}" if p == p else "no spread"
-    return f"{mean * 100:+.2f} [{low * 100:+.2f}, {high * 100:+.2f}]", p_text
+    return f"{mean * 100:+.2f} [{low * 100:+.2f}, {high * 100:+.2f}], n {len(diffs)}, {p_text}"
 
 
 def across_budgets(entries: Sequence[dict[str, Any]]) -> list[str]:
@@ -73,11 +78,9 @@ def across_budgets(entries: Sequence[dict[str, Any]]) -> list[str]:
     lines: dict[tuple, list[str]] = defaultdict(list)
     for (model, dataset, kind, strategy), by_budget in sorted(differences(entries).items()):
         diffs = [d for ds in by_budget.values() for d in ds.values()]
-        seeds = by_seed(by_budget)
-        (ci, p), (seed_ci, seed_p) = shown(*pooled(diffs)), shown(*pooled(seeds))
         lines[(model, dataset, kind)].append(
-            f"{strategy} {ci} ({', '.join(by_budget)}; n {len(diffs)}, {p}; "
-            f"by seed {seed_ci}, n {len(seeds)}, {seed_p})")
+            f"{strategy} {shown(diffs)} ({', '.join(by_budget)}; "
+            f"by seed {shown(by_seed(by_budget))})")
     return [f"Δ uniform over {KIND_NAMES.get(kind, kind)} budgets, {model}/{dataset} (per-seed "
             f"differences pooled over budgets, one-sample t-test, {1 - ALPHA:.0%} CI; by seed: "
             "each seed's mean over the budgets, the safer call): " + "; ".join(parts)

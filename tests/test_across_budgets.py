@@ -40,13 +40,20 @@ def test_pooled_difference_matches_a_hand_computation_and_decides_where_one_budg
     [line] = across_budgets(entries)
     assert line.startswith("Δ uniform over size budgets, resnet20/fashion-mnist")
     assert (f"tpe {d.mean() * 100:+.2f} [{(d.mean() - half) * 100:+.2f}, "
-            f"{(d.mean() + half) * 100:+.2f}] (32KB, 64KB; n 6, p={p:.3f}; ") in line
+            f"{(d.mean() + half) * 100:+.2f}], n 6, p={p:.3f} (32KB, 64KB; ") in line
     # by seed: the mean over both budgets per seed, 3 of them, a t-test on those
-    s = np.mean(per_budget, axis=0)
-    ci = stats.ttest_1samp(s, 0.0).confidence_interval(0.95)
-    assert (f"by seed {s.mean() * 100:+.2f} [{ci.low * 100:+.2f}, {ci.high * 100:+.2f}], "
-            f"n 3, p={stats.ttest_1samp(s, 0.0).pvalue:.3f})") in line
+    seed_means = np.mean(per_budget, axis=0)
+    test = stats.ttest_1samp(seed_means, 0.0)
+    ci = test.confidence_interval(0.95)
+    assert line.endswith(f"by seed {seed_means.mean() * 100:+.2f} [{ci.low * 100:+.2f}, "
+                         f"{ci.high * 100:+.2f}], n 3, p={test.pvalue:.3f})")
     assert line in footnotes(entries) and line in format_leaderboard(entries, "md")
+
+
+def test_budgets_that_ran_other_seeds_are_pooled_but_not_tested_by_seed(tmp_path):
+    [line] = across_budgets(board(tmp_path, first_seed={("tpe", "64KB"): 10,
+                                                        ("uniform", "64KB"): 10}))
+    assert "n 6, p=" in line and line.endswith("by seed n 0, not tested)")
 
 
 def test_strategies_without_two_paired_budgets_get_no_line(tmp_path):
