@@ -84,9 +84,16 @@ def test_proxy_budget_rescales_the_winner(tmp_path):
 
 
 def test_second_run_in_same_directory_is_refused(tmp_path):
-    out = tmp_path / "twice"
-    assert qsearch("run", "--strategy", "uniform", "--budget", "6KB", *TINY, "--trials", "1",
-                   "--out", str(out)).returncode == 0
+    import io
+
+    from qsearch.console import Display
+    from qsearch.experiment import run_experiment
+    from qsearch.spec import Spec
+
+    out = tmp_path / "twice"  # the first run, Ray-free: what the refusal reads is its store
+    run_experiment(Spec(strategy="uniform", budget="6KB", model="resnet20", dataset="synthetic",
+                        trials=1, train={"steps": 20, "batch_size": 32}, out=str(out)),
+                   inline=True, display=Display(stream=io.StringIO()))
     r = qsearch("run", "--strategy", "uniform", "--budget", "6KB", *TINY, "--out", str(out))
     assert r.returncode == 2 and "qsearch resume" in r.stderr
     assert len(rows(out)) == 1
