@@ -110,16 +110,12 @@ def paired_differences(df: pd.DataFrame, by: tuple[str, ...] = ("seed",)) -> lis
              "|---|---:|" + ("---:|" if pooled_by else "") + "---|"]
     for lo, hi in itertools.combinations(sorted(acc.columns), 2):
         d = (acc[lo] - acc[hi]).dropna()
-        mean, half = interval(d.to_numpy())
-        line = f"| {lo} - {hi} | {mean:+.2f} ± {half:.2f} ({len(d)}) | "
         if pooled_by:
-            per_seed = d.groupby(level="seed").mean().to_numpy()
-            by_seed = interval(per_seed)
-            line += (f"{by_seed[0]:+.2f} ± {by_seed[1]:.2f} ({len(per_seed)}) | "
-                     + step_verdict((mean, half), by_seed, name(lo), name(hi)))
-        else:
-            line += verdict(mean, half, name(lo), name(hi))
-        lines.append(line + " |")
+            lines.append(f"| {lo} - {hi} | {pooled_and_by_seed(d, name(lo), name(hi))} |")
+            continue
+        mean, half = interval(d.to_numpy())
+        lines.append(f"| {lo} - {hi} | {mean:+.2f} ± {half:.2f} ({len(d)}) | "
+                     f"{verdict(mean, half, name(lo), name(hi))} |")
     return lines
 
 
@@ -187,23 +183,24 @@ def bit_steps(df: pd.DataFrame, vary: str = "dw") -> list[str]:
         diff = (acc[hi] - acc[lo]).dropna()
         cells = ["{:+.2f} ± {:.2f}".format(*interval(diff.loc[o].to_numpy()))
                  if o in diff.index.get_level_values(fixed) else "-" for o in rows]
-        pooled = interval(diff.to_numpy())
-        per_seed = diff.groupby(level="seed").mean().to_numpy()
-        by_seed = interval(per_seed)
-        lines.append(f"| {vary} {hi} - {vary} {lo} | " + " | ".join(cells) +
-                     f" | {pooled[0]:+.2f} ± {pooled[1]:.2f} ({len(diff)}) | "
-                     f"{by_seed[0]:+.2f} ± {by_seed[1]:.2f} ({len(per_seed)}) | "
-                     f"{step_verdict(pooled, by_seed, f'{vary} {hi}', f'{vary} {lo}')} |")
+        lines.append(f"| {vary} {hi} - {vary} {lo} | " + " | ".join(cells) + " | "
+                     + pooled_and_by_seed(diff, f"{vary} {hi}", f"{vary} {lo}") + " |")
     return lines
 
 
-def step_verdict(pooled, by_seed, hi: str, lo: str) -> str:
-    """The by-seed call; where only the pooled interval decides, undecided with that call."""
-    call = verdict(*by_seed, hi, lo)
-    if not call.startswith("undecided"):
-        return call
-    loose = verdict(*pooled, hi, lo)
-    return call if loose.startswith("undecided") else f"undecided by seed (pooled: {loose})"
+def pooled_and_by_seed(diff: pd.Series, hi: str, lo: str) -> str:
+    """The cells "pooled | by seed | verdict" of differences ``hi - lo`` indexed by seed and
+    a row or budget: pooled, every difference counted as one; by seed, each seed's mean, the
+    seeds as the units. The verdict is the by-seed call; where only the pooled interval
+    decides, undecided, with that call."""
+    pooled = interval(diff.to_numpy())
+    per_seed = diff.groupby(level="seed").mean().to_numpy()
+    by_seed = interval(per_seed)
+    call, loose = verdict(*by_seed, hi, lo), verdict(*pooled, hi, lo)
+    if call.startswith("undecided") and not loose.startswith("undecided"):
+        call = f"undecided by seed (pooled: {loose})"
+    return (f"{pooled[0]:+.2f} ± {pooled[1]:.2f} ({len(diff)}) | "
+            f"{by_seed[0]:+.2f} ± {by_seed[1]:.2f} ({len(per_seed)}) | {call}")
 
 
 def proxy_budgets(df: pd.DataFrame) -> list[str]:
